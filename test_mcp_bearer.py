@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import logging
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -614,3 +616,175 @@ def test_static_provider_refuses_bad_tokens_without_echoing_them(tokens: Any, er
 def test_access_token_repr_hides_the_secret() -> None:
     token = AccessToken(BOB, {"sub": "bob"}, ["read"])
     assert BOB not in repr(token) and "bob" in repr(token)
+
+
+# --- end to end: real uvicorn, real MCP SDK server and client ------------------
+
+
+@contextlib.contextmanager
+def serve(app: Any, **config: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL; stop it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        listener.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def mcp_app(*tools: Callable[..., Any], stateless: bool = False, json_response: bool = False) -> Any:
+    """The SDK's own streamable HTTP app with these tools, on mcp 2.x or 1.x."""
+    if MCP_MAJOR == 2:
+        server = _Server("test")
+        for tool in tools:
+            server.tool()(tool)
+        return server.streamable_http_app(stateless_http=stateless, json_response=json_response)
+    server = _Server("test", stateless_http=stateless, json_response=json_response)
+    for tool in tools:
+        server.tool()(tool)
+    return server.streamable_http_app()
+
+
+def fingerprint(token: str) -> str:
+    """Tools answer with this, not the token: response bodies reach DEBUG logs (sse_starlette)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def whoami() -> dict[str, Any]:
+    """Claims and token fingerprint of the caller, as the tool sees them (sync tool)."""
+    token = require_auth()
+    return {"token": fingerprint(token.token), "claims": token.claims}
+
+
+async def whoami_async() -> dict[str, Any]:
+    """The same from an async tool."""
+    await anyio.sleep(0)
+    token = require_auth()
+    return {"token": fingerprint(token.token), "claims": token.claims}
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(url: str, token: str | None) -> AsyncIterator[tuple[ClientSession, Any]]:
+    """An initialized SDK ClientSession; the second item is the httpx client, whose headers can change."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        httpx.AsyncClient(headers=headers, timeout=30) as client,
+        streamable_http_client(url, http_client=client) as streams,
+        ClientSession(streams[0], streams[1]) as session,
+    ):
+        await session.initialize()
+        yield session, client
+
+
+async def call_json(session: ClientSession, tool: str) -> Any:
+    result = await session.call_tool(tool, {})
+    assert not (getattr(result, "is_error", None) or getattr(result, "isError", None)), result
+    return json.loads(result.content[0].text)  # type: ignore[union-attr]
+
+
+def raw_request(base: str, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> Any:
+    """One plain HTTP/1.1 request; returns (status, lowercase headers dict, body)."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=20)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+MCP_POST_HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+INITIALIZE = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+).encode()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def stateful_url() -> Iterator[str]:
+    app = BearerAuthMiddleware(mcp_app(whoami, whoami_async), RecordingProvider())
+    with serve(app) as base:
+        yield base + "/mcp"
+
+
+@pytest.mark.anyio
+async def test_e2e_no_token_is_refused_before_the_mcp_app(stateful_url: str) -> None:
+    status, headers, body = raw_request(stateful_url.rsplit("/", 1)[0], "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)
+    assert status == 401 and json.loads(body) == UNAUTHORIZED
+    assert headers["www-authenticate"] == "Bearer" and "mcp-session-id" not in headers
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the SDK client's error type differs between versions
+        async with mcp_session(stateful_url, None):
+            pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tool", ["whoami", "whoami_async"])
+async def test_e2e_valid_token_sees_its_own_claims(stateful_url: str, tool: str) -> None:
+    async with mcp_session(stateful_url, BOB) as (session, _):
+        seen = await call_json(session, tool)
+    assert seen == {"token": fingerprint(BOB), "claims": TOKENS[BOB]}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tool", ["whoami", "whoami_async"])
+async def test_e2e_rotated_keys_of_one_user_on_one_session_each_see_their_own_token(
+    stateful_url: str, tool: str
+) -> None:
+    async with mcp_session(stateful_url, ALICE_1) as (session, client):
+        assert (await call_json(session, tool))["token"] == fingerprint(ALICE_1)
+        client.headers["Authorization"] = f"Bearer {ALICE_2}"
+        assert (await call_json(session, tool))["token"] == fingerprint(ALICE_2)
+        client.headers["Authorization"] = f"Bearer {ALICE_1}"
+        assert (await call_json(session, tool))["token"] == fingerprint(ALICE_1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("json_response", [False, True])
+async def test_e2e_stateless_mode(json_response: bool) -> None:
+    app = BearerAuthMiddleware(mcp_app(whoami, whoami_async, stateless=True, json_response=json_response), RecordingProvider())
+    with serve(app) as base:
+        for token in (BOB, ALICE_2):
+            async with mcp_session(base + "/mcp", token) as (session, _):
+                assert (await call_json(session, "whoami"))["token"] == fingerprint(token)
+                assert (await call_json(session, "whoami_async"))["token"] == fingerprint(token)
+
+
+def test_e2e_app_mounted_under_a_prefix_or_root_path_is_protected() -> None:
+    """The peer that got this wrong answered 200 to POST /api/mcp without a token."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    inner = Starlette(routes=[Route("/{path:path}", lambda r: PlainTextResponse(r.url.path), methods=["GET", "POST"])])
+    mounted = Starlette(routes=[Mount("/api", app=BearerAuthMiddleware(inner, RecordingProvider()))])
+    with serve(mounted) as base:
+        assert raw_request(base, "POST", "/api/mcp")[0] == 401
+        assert raw_request(base, "GET", "/api/health")[0] == 200
+        assert raw_request(base, "GET", "/api/health/")[0] == 401
+        assert raw_request(base, "POST", "/api/mcp", {"Authorization": f"Bearer {BOB}"})[0] == 200
+    # Behind a proxy that strips /api, uvicorn --root-path /api puts it back: the app sees /api/mcp.
+    with serve(BearerAuthMiddleware(inner, RecordingProvider()), root_path="/api") as base:
+        assert raw_request(base, "POST", "/mcp") == (401, mock.ANY, json.dumps(UNAUTHORIZED).encode())
+        assert raw_request(base, "GET", "/health")[2] == b"/api/health"
+        assert raw_request(base, "GET", "/HEALTH")[0] == 401
+        assert raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {BOB}"})[2] == b"/api/mcp"
