@@ -622,9 +622,9 @@ def test_access_token_repr_hides_the_secret() -> None:
 
 
 @contextlib.contextmanager
-def serve(app: Any, **config: Any) -> Iterator[str]:
+def serve(app: Any, listener: socket.socket | None = None, **config: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL; stop it."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = listener or socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
@@ -788,3 +788,463 @@ def test_e2e_app_mounted_under_a_prefix_or_root_path_is_protected() -> None:
         assert raw_request(base, "GET", "/health")[2] == b"/api/health"
         assert raw_request(base, "GET", "/HEALTH")[0] == 401
         assert raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {BOB}"})[2] == b"/api/mcp"
+
+
+# --- the MCP authorization spec (issue 3): expiry, scopes, metadata, sessions --
+
+
+class FixedProvider(BearerAuthProvider):
+    """Returns one prepared AccessToken for any token."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        self.calls: list[str] = []
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        self.calls.append(token)
+        return AccessToken(token, **self.fields)
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "status"),
+    [(None, 200), (time.time() + 60, 200), (time.time() - 1, 401), (0, 401)],
+    ids=["never", "future", "past", "epoch"],
+)
+def test_expired_token_is_refused_even_when_the_provider_returned_it(expires_at: float | None, status: int) -> None:
+    outcome = Harness(FixedProvider(expires_at=expires_at)).request(bearer(BOB))
+    assert outcome.status == status
+    if status == 401:
+        assert outcome.json() == INVALID_TOKEN and outcome.header("www-authenticate") == CHALLENGE_INVALID
+        assert outcome.app_calls == []
+
+
+@pytest.mark.parametrize(
+    ("granted", "status"),
+    [(["read", "write"], 200), (["write", "admin", "read"], 200), (["read"], 403), ([], 403), ("read write", 403)],
+)
+def test_required_scopes_answer_403_insufficient_scope(granted: Any, status: int) -> None:
+    outcome = Harness(FixedProvider(scopes=granted), required_scopes=["read", "write"]).request(bearer(BOB))
+    assert outcome.status == status
+    if status == 403:
+        assert outcome.json() == {"error": "insufficient_scope", "error_description": "Insufficient scope", "scope": "read write"}
+        assert outcome.header("www-authenticate") == (
+            'Bearer error="insufficient_scope", scope="read write", error_description="Insufficient scope"'
+        )
+        assert outcome.app_calls == []
+
+
+def test_required_scopes_join_every_401_challenge() -> None:
+    harness = Harness(required_scopes=["read"])
+    assert harness.request([]).header("www-authenticate") == 'Bearer scope="read"'
+    assert harness.request(bearer("sk-nobody")).header("www-authenticate") == (
+        'Bearer error="invalid_token", scope="read", error_description="Token is invalid or expired"'
+    )
+
+
+def test_require_scopes_in_a_tool() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(require_scopes("read"))
+        with pytest.raises(InsufficientScopeError) as caught:
+            require_scopes("read", "admin", "write")
+        seen.append(caught.value)
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    harness = Harness()
+    harness.middleware = BearerAuthMiddleware(app, harness.provider)
+    assert harness.request(bearer(ALICE_1)).status == 204
+    token, error = seen
+    assert token.token == ALICE_1
+    assert error.missing_scopes == ("admin", "write") and isinstance(error, AuthenticationError)
+    assert "admin write" in str(error)
+
+
+METADATA_OPTIONS = {
+    "resource": "https://mcp.example.com/mcp",
+    "authorization_servers": ["https://auth.example.com"],
+    "required_scopes": ["mcp:tools"],
+    "resource_name": "Example MCP",
+}
+
+
+@pytest.mark.parametrize(
+    "path", ["/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"]
+)
+def test_protected_resource_metadata_is_served_unauthenticated(path: str) -> None:
+    harness = Harness(**METADATA_OPTIONS)
+    outcome = harness.request([], path=path, method="GET")
+    assert outcome.status == 200 and harness.app_calls == [] and outcome.provider_calls == []
+    assert outcome.json() == {
+        "resource": "https://mcp.example.com/mcp",
+        "authorization_servers": ["https://auth.example.com"],
+        "scopes_supported": ["mcp:tools"],
+        "bearer_methods_supported": ["header"],
+        "resource_name": "Example MCP",
+    }
+    assert outcome.header("cache-control") == "public, max-age=3600"
+    assert outcome.header("content-type") == "application/json"
+    head = harness.request([], path=path, method="HEAD")
+    assert head.status == 200 and head.body == b"" and head.header("content-length") == str(len(outcome.body))
+
+
+def test_metadata_paths_are_exact_and_other_methods_are_guarded() -> None:
+    harness = Harness(**METADATA_OPTIONS)
+    for path in ("/.well-known/oauth-protected-resource/", "/.well-known/oauth-protected-resource/other"):
+        assert harness.request([], path=path, method="GET").status == 401
+    assert harness.request([], path="/.well-known/oauth-protected-resource", method="POST").status == 401
+    assert Harness().request([], path="/.well-known/oauth-protected-resource", method="GET").status == 401
+
+
+def test_scopes_supported_can_differ_from_required_scopes() -> None:
+    harness = Harness(resource="https://x.example/", scopes_supported=["a", "b"])
+    outcome = harness.request([], path="/.well-known/oauth-protected-resource", method="GET")
+    assert outcome.json()["scopes_supported"] == ["a", "b"] and "resource_name" not in outcome.json()
+    assert harness.request([]).header("www-authenticate") == (
+        'Bearer resource_metadata="https://x.example/.well-known/oauth-protected-resource"'
+    )
+
+
+def test_every_challenge_names_realm_scope_and_resource_metadata() -> None:
+    harness = Harness(realm='mcp "prod" \\ eu', **METADATA_OPTIONS)
+    url = "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
+    realm = 'realm="mcp \\"prod\\" \\\\ eu"'
+    assert harness.request([]).header("www-authenticate") == f'Bearer {realm}, scope="mcp:tools", resource_metadata="{url}"'
+    assert harness.request(bearer("sk-nobody")).header("www-authenticate") == (
+        f'Bearer {realm}, error="invalid_token", scope="mcp:tools", '
+        f'error_description="Token is invalid or expired", resource_metadata="{url}"'
+    )
+    assert harness.request(bearer(BOB)).header("www-authenticate") == (  # BOB lacks mcp:tools
+        f'Bearer {realm}, error="insufficient_scope", scope="mcp:tools", '
+        f'error_description="Insufficient scope", resource_metadata="{url}"'
+    )
+
+
+def session_harness(**options: Any) -> Harness:
+    """An app that creates a session on POST without one, and answers 404 for a session it forgot."""
+    harness = Harness(**options)
+    known: set[bytes] = set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        harness.app_calls.append((scope, get_access_token()))
+        sid = dict(scope["headers"]).get(b"mcp-session-id")
+        if sid is None:
+            sid = b"sid-%d" % len(harness.app_calls)
+            known.add(sid)
+            status = 200
+        elif sid not in known:
+            status = 404
+        elif scope["method"] == "DELETE":
+            known.discard(sid)
+            status = 200
+        else:
+            status = 200
+        await send({"type": "http.response.start", "status": status, "headers": [(b"mcp-session-id", sid)]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    harness.middleware = BearerAuthMiddleware(app, harness.provider, **options)
+    harness.known_sessions = known  # type: ignore[attr-defined]
+    return harness
+
+
+def with_session(headers: list[tuple[bytes, bytes]], sid: str) -> list[tuple[bytes, bytes]]:
+    return [*headers, (b"mcp-session-id", sid.encode())]
+
+
+def test_a_session_belongs_to_the_principal_that_created_it() -> None:
+    harness = session_harness()
+    created = harness.request(bearer(ALICE_1))
+    sid = created.header("mcp-session-id")
+    assert created.status == 200 and sid
+    assert harness.request(with_session(bearer(ALICE_1), sid)).status == 200
+    assert harness.request(with_session(bearer(ALICE_2), sid)).status == 200  # same sub, rotated key
+    stolen = harness.request(with_session(bearer(BOB), sid))
+    assert stolen.status == 404 and stolen.json() == SESSION_NOT_FOUND and stolen.app_calls == []
+    assert stolen.header("www-authenticate") is None
+    assert harness.request(with_session(bearer(ALICE_1), sid)).status == 200  # alice carries on
+
+
+def test_without_sub_the_session_belongs_to_the_token() -> None:
+    harness = session_harness()
+    sid = harness.request(bearer(CAROL_NO_SUB)).header("mcp-session-id")
+    assert sid and harness.request(with_session(bearer(CAROL_NO_SUB), sid)).status == 200
+    other = StaticTokenProvider({"sk-other": {"email": "carol@example.com"}})
+    harness.provider.inner = other  # type: ignore[attr-defined]
+    assert harness.request(with_session(bearer("sk-other"), sid)).status == 404
+
+
+def test_unknown_and_duplicated_session_ids_are_refused() -> None:
+    harness = session_harness()
+    assert harness.request(with_session(bearer(BOB), "never-created")).status == 404
+    sid = harness.request(bearer(BOB)).header("mcp-session-id")
+    assert sid
+    alice_sid = harness.request(bearer(ALICE_1)).header("mcp-session-id")
+    assert alice_sid
+    # bob names alice's session next to his own: never let the app pick the one we did not check
+    both = harness.request(with_session(with_session(bearer(BOB), sid), alice_sid))
+    assert both.status == 404 and both.app_calls == []
+
+
+def test_session_binding_ends_with_delete_or_app_404() -> None:
+    harness = session_harness()
+    sid = harness.request(bearer(BOB)).header("mcp-session-id")
+    assert sid
+    assert harness.request(with_session(bearer(BOB), sid), method="DELETE").status == 200
+    assert harness.middleware._sessions == {}  # type: ignore[attr-defined]
+    sid = harness.request(bearer(BOB)).header("mcp-session-id")
+    assert sid
+    harness.known_sessions.discard(sid.encode())  # type: ignore[attr-defined]  # the app expired it
+    assert harness.request(with_session(bearer(BOB), sid)).status == 404
+    assert harness.middleware._sessions == {}  # type: ignore[attr-defined]
+
+
+def test_session_table_is_bounded_oldest_first() -> None:
+    harness = session_harness(max_sessions=3)
+    sids = [harness.request(bearer(BOB)).header("mcp-session-id") for _ in range(5)]
+    assert list(harness.middleware._sessions) == [s.encode() for s in sids[2:]]  # type: ignore[attr-defined,union-attr]
+    assert harness.request(with_session(bearer(BOB), sids[0])).status == 404  # type: ignore[arg-type]
+    assert harness.request(with_session(bearer(BOB), sids[4])).status == 200  # type: ignore[arg-type]
+
+
+def test_bind_sessions_false_leaves_sessions_to_the_app() -> None:
+    harness = session_harness(bind_sessions=False)
+    sid = harness.request(bearer(ALICE_1)).header("mcp-session-id")
+    assert sid and harness.request(with_session(bearer(BOB), sid)).status == 200
+
+
+PREFLIGHT = [(b"origin", b"https://app.example"), (b"access-control-request-method", b"POST")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "allow", "passes"),
+    [
+        (PREFLIGHT, True, True),
+        ([(b"Origin", b"https://app.example"), (b"Access-Control-Request-Method", b"POST")], True, True),
+        (PREFLIGHT[:1], True, False),
+        (PREFLIGHT[1:], True, False),
+        ([], True, False),
+        (PREFLIGHT, False, False),
+    ],
+    ids=["preflight", "preflight-odd-case", "origin-only", "method-only", "bare-options", "preflight-disabled"],
+)
+def test_only_a_real_cors_preflight_passes_without_credentials(
+    headers: list[tuple[bytes, bytes]], allow: bool, passes: bool
+) -> None:
+    outcome = Harness(allow_cors_preflight=allow).request(headers, method="OPTIONS")
+    assert (outcome.status == 200) is passes and bool(outcome.app_calls) is passes
+    if not passes:
+        assert outcome.status == 401 and outcome.json() == UNAUTHORIZED
+    assert outcome.provider_calls == []
+
+
+def listener_and_url() -> tuple[socket.socket, str]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def recording(app: Any, seen: list[tuple[str, str]]) -> Any:
+    """Outermost ASGI layer that notes (method, path) of every HTTP request."""
+
+    async def record(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append((scope["method"], scope["path"]))
+        await app(scope, receive, send)
+
+    return record
+
+
+def test_e2e_metadata_document_over_http() -> None:
+    listener, base = listener_and_url()
+    app = BearerAuthMiddleware(
+        mcp_app(whoami), RecordingProvider(), resource=base + "/mcp", authorization_servers=["https://auth.example.com"]
+    )
+    with serve(app, listener) as base:
+        for path in ("/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource"):
+            status, headers, body = raw_request(base, "GET", path)
+            assert status == 200 and headers["cache-control"] == "public, max-age=3600"
+            assert json.loads(body) == {
+                "resource": base + "/mcp",
+                "authorization_servers": ["https://auth.example.com"],
+                "bearer_methods_supported": ["header"],
+            }
+        status, headers, body = raw_request(base, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)
+        assert status == 401
+        assert headers["www-authenticate"] == f'Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp"'
+
+
+class _NoStorage:
+    async def get_tokens(self) -> None:
+        return None
+
+    async def set_tokens(self, tokens: Any) -> None:
+        pass
+
+    async def get_client_info(self) -> None:
+        return None
+
+    async def set_client_info(self, info: Any) -> None:
+        pass
+
+
+async def _not_found(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.anyio
+async def test_e2e_sdk_oauth_client_follows_resource_metadata_to_the_authorization_server() -> None:
+    """The SDK's own 401 handling reads resource_metadata, fetches our document, then asks its issuer."""
+    from mcp.client.auth import OAuthClientProvider
+    from mcp.shared.auth import OAuthClientMetadata
+
+    seen_here: list[tuple[str, str]] = []
+    seen_by_issuer: list[tuple[str, str]] = []
+    listener, base = listener_and_url()
+    with serve(recording(_not_found, seen_by_issuer)) as issuer:
+        guarded = BearerAuthMiddleware(
+            mcp_app(whoami), RecordingProvider(), resource=base + "/mcp", authorization_servers=[issuer]
+        )
+        with serve(recording(guarded, seen_here), listener):
+            oauth = OAuthClientProvider(
+                base + "/mcp", OAuthClientMetadata(redirect_uris=["http://127.0.0.1:1/cb"]), _NoStorage()
+            )
+            async with httpx.AsyncClient(auth=oauth, timeout=20) as client:
+                with pytest.raises(BaseException):  # noqa: B017, PT011 - no real issuer: the flow must stop
+                    async with streamable_http_client(base + "/mcp", http_client=client) as streams:
+                        async with ClientSession(streams[0], streams[1]) as session:
+                            await session.initialize()
+    assert seen_here[:2] == [("POST", "/mcp"), ("GET", "/.well-known/oauth-protected-resource/mcp")]
+    metadata = oauth.context.protected_resource_metadata
+    assert metadata is not None and str(metadata.resource) == base + "/mcp"
+    assert ("GET", "/.well-known/oauth-authorization-server") in seen_by_issuer
+
+
+@pytest.mark.anyio
+async def test_e2e_second_principal_on_first_principals_session_gets_404(stateful_url: str) -> None:
+    session_ids: list[str] = []
+
+    async def note_session(response: Any) -> None:
+        if "mcp-session-id" in response.headers:
+            session_ids.append(response.headers["mcp-session-id"])
+
+    base = stateful_url.rsplit("/", 1)[0]
+    async with (
+        httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {ALICE_1}"}, timeout=30, event_hooks={"response": [note_session]}
+        ) as client,
+        streamable_http_client(stateful_url, http_client=client) as streams,
+        ClientSession(streams[0], streams[1]) as session,
+    ):
+        await session.initialize()
+        assert (await call_json(session, "whoami"))["claims"]["sub"] == "alice"
+        call = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "whoami"}}).encode()
+        headers = {**MCP_POST_HEADERS, "mcp-session-id": session_ids[0], "mcp-protocol-version": "2025-06-18"}
+        status, _, body = raw_request(base, "POST", "/mcp", {**headers, "Authorization": f"Bearer {BOB}"}, call)
+        assert status == 404 and json.loads(body) == SESSION_NOT_FOUND
+        status, _, body = raw_request(base, "DELETE", "/mcp", {**headers, "Authorization": f"Bearer {BOB}"})
+        assert status == 404  # nor may bob end alice's session
+        assert (await call_json(session, "whoami"))["claims"]["sub"] == "alice"  # alice carries on
+
+
+def test_e2e_cors_preflight_and_readable_401_from_a_browser() -> None:
+    from starlette.middleware.cors import CORSMiddleware
+
+    origin = "https://app.example"
+    preflight = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, mcp-session-id",
+    }
+    # As the README shows: CORS outside, so refusals carry CORS headers a browser needs to read them.
+    outside = CORSMiddleware(
+        BearerAuthMiddleware(mcp_app(whoami), RecordingProvider()),
+        allow_origins=[origin],
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["authorization", "content-type", "mcp-session-id", "mcp-protocol-version"],
+        expose_headers=["Mcp-Session-Id", "WWW-Authenticate"],
+    )
+    with serve(outside) as base:
+        status, headers, _ = raw_request(base, "OPTIONS", "/mcp", preflight)
+        assert status == 200 and headers["access-control-allow-origin"] == origin
+        for _ in range(2):  # the second proves the refusal's header list was not grown in place
+            status, headers, _ = raw_request(base, "POST", "/mcp", {**MCP_POST_HEADERS, "Origin": origin}, INITIALIZE)
+            assert status == 401 and headers["www-authenticate"] == "Bearer"
+            assert headers["access-control-allow-origin"] == origin
+            assert "www-authenticate" in headers["access-control-expose-headers"].lower()
+    # CORS inside the app: the middleware lets only the real preflight through.
+    inside = BearerAuthMiddleware(
+        CORSMiddleware(mcp_app(whoami), allow_origins=[origin], allow_methods=["POST"], allow_headers=["*"]),
+        RecordingProvider(),
+    )
+    with serve(inside) as base:
+        status, headers, _ = raw_request(base, "OPTIONS", "/mcp", preflight)
+        assert status == 200 and headers["access-control-allow-origin"] == origin
+        assert raw_request(base, "OPTIONS", "/mcp", {"Origin": origin})[0] == 401
+
+
+# --- identity under concurrency on one session ---------------------------------
+
+
+class PerCallToken(httpx.Auth):  # type: ignore[misc]
+    """Sends each tools/call with the token its argument ``n`` names; everything else with ``default``."""
+
+    def __init__(self, tokens: list[str], default: str) -> None:
+        self.tokens = tokens
+        self.default = default
+
+    def auth_flow(self, request: Any) -> Iterator[Any]:
+        token = self.default
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            message = json.loads(request.content)
+            token = self.tokens[message["params"]["arguments"]["n"]]
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+async def identity(n: int) -> dict[str, Any]:
+    """Who the call sees before and after yielding to the other calls in flight."""
+    before = require_auth().token
+    await anyio.sleep(0.01)
+    return {"n": n, "before": fingerprint(before), "after": fingerprint(require_auth().token)}
+
+
+TEAM = [f"sk-team-{n:02d}-{hashlib.sha256(str(n).encode()).hexdigest()[:20]}" for n in range(50)]
+SECRETS.update(TEAM)
+
+
+async def concurrent_calls(url: str, tokens: list[str], calls: int, in_flight: int) -> list[str]:
+    """``calls`` identity calls on one session, ``in_flight`` at a time; returns the mismatches."""
+    mismatches: list[str] = []
+    limit = anyio.Semaphore(in_flight)
+    async with (
+        httpx.AsyncClient(auth=PerCallToken(tokens, tokens[0]), timeout=60) as client,
+        streamable_http_client(url, http_client=client) as streams,
+        ClientSession(streams[0], streams[1]) as session,
+    ):
+        await session.initialize()
+
+        async def one(i: int) -> None:
+            async with limit:
+                n = i % len(tokens)
+                result = await session.call_tool("identity", {"n": n})
+                seen = json.loads(result.content[0].text)  # type: ignore[union-attr]
+                expected = fingerprint(tokens[n])
+                if seen != {"n": n, "before": expected, "after": expected}:
+                    mismatches.append(f"call {i}: {seen}")
+
+        async with anyio.create_task_group() as group:
+            for i in range(calls):
+                group.start_soon(one, i)
+    return mismatches
+
+
+@pytest.mark.anyio
+async def test_e2e_20_concurrent_calls_on_one_session_each_see_their_own_token() -> None:
+    """mcp 1.x answered every call on a stateful session with its first request's token (SDK #2208)."""
+    tokens = TEAM[:20]
+    provider = RecordingProvider({token: {"sub": "team"} for token in tokens})
+    with serve(BearerAuthMiddleware(mcp_app(identity), provider)) as base:
+        assert await concurrent_calls(base + "/mcp", tokens, calls=20, in_flight=20) == []
+    assert set(provider.calls) == set(tokens)
