@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT  (c) 2026 the mcp_bearer developers; see LICENSE.
 """Bearer-token authentication for MCP servers and any other ASGI app.
 
 Wrap an ASGI app in :class:`BearerAuthMiddleware` and every request must carry

@@ -1248,3 +1248,214 @@ async def test_e2e_20_concurrent_calls_on_one_session_each_see_their_own_token()
     with serve(BearerAuthMiddleware(mcp_app(identity), provider)) as base:
         assert await concurrent_calls(base + "/mcp", tokens, calls=20, in_flight=20) == []
     assert set(provider.calls) == set(tokens)
+
+
+# --- the command line ------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+@contextlib.contextmanager
+def cli_server(*args: str, env: dict[str, str] | None = None, cwd: str = REPO) -> Iterator[tuple[str, list[str]]]:
+    """Run ``python -m mcp_bearer --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mcp_bearer", "--port", "0", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("Serving "):
+                break
+        else:
+            pytest.fail(f"server exited: {process.wait()} {process.stderr.read() if process.stderr else ''}")
+        url = lines[-1].split()[1]
+        yield url.removesuffix("/mcp"), lines
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def run_cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcp_bearer", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": REPO, "MCP_BEARER_TOKENS": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.anyio
+async def test_cli_demo_prints_one_token_and_serves_whoami_with_it() -> None:
+    with cli_server(env={"MCP_BEARER_TOKENS": ""}) as (base, lines):
+        token = lines[0].removeprefix("Bearer token: ")
+        SECRETS.add(token)
+        config = json.loads("\n".join(lines[2:-1]))
+        assert config == {"mcpServers": {"demo": {"url": base + "/mcp", "headers": {"Authorization": f"Bearer {token}"}}}}
+        assert raw_request(base, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)[0] == 401
+        async with mcp_session(base + "/mcp", token) as (session, _):
+            assert await call_json(session, "whoami") == {"sub": "demo-user"}
+
+
+@pytest.mark.anyio
+async def test_cli_demo_takes_tokens_from_the_environment() -> None:
+    with cli_server(env={"MCP_BEARER_TOKENS": f"{BOB}, {ALICE_1}"}) as (base, lines):
+        assert not any("Bearer" in line for line in lines)  # nothing generated, nothing printed
+        async with mcp_session(base + "/mcp", ALICE_1) as (session, _):
+            assert await call_json(session, "whoami") == {"sub": "user-2"}
+        assert raw_request(base, "POST", "/mcp", {"Authorization": "Bearer sk-nobody"})[0] == 401
+
+
+def test_cli_serves_any_asgi_app_with_every_option(tmp_path: Any) -> None:
+    (tmp_path / "plain_app.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n"
+        "        return\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': scope['path'].encode()})\n"
+    )
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({BOB: {"sub": "bob", "scopes": ["read", "write"]}, ALICE_1: {"sub": "alice"}}))
+    args = ["plain_app:app", "--tokens-file", str(tokens), "--exclude", "/status", "--required-scope", "write"]
+    args += ["--resource", "https://mcp.example.com/mcp", "--authorization-server", "https://auth.example.com"]
+    with cli_server(*args, cwd=str(tmp_path)) as (base, lines):
+        assert lines == [f"Serving {base}/mcp behind bearer-token authentication (Ctrl+C to stop)"]
+        assert raw_request(base, "GET", "/x", {"Authorization": f"Bearer {BOB}"})[2] == b"/x"
+        assert raw_request(base, "GET", "/x", {"Authorization": f"Bearer {ALICE_1}"})[0] == 403
+        assert raw_request(base, "GET", "/status")[0] == 200
+        assert raw_request(base, "GET", "/health")[0] == 401  # --exclude replaced the defaults
+        status, headers, body = raw_request(base, "GET", "/.well-known/oauth-protected-resource/mcp")
+        assert status == 200 and json.loads(body)["authorization_servers"] == ["https://auth.example.com"]
+        assert 'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"' in (
+            raw_request(base, "GET", "/x")[1]["www-authenticate"]
+        )
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tokens-file", "/nonexistent/tokens.json"], "cannot read tokens file '/nonexistent/tokens.json'"),
+        (["--tokens-file", "{tmp}"], "cannot read tokens file"),  # a directory
+        (["--tokens-file", "{tmp}/bad.json"], "is not valid JSON"),
+        (["--tokens-file", "{tmp}/list.json"], "must hold a JSON object of token -> claims"),
+        (["--tokens-file", "{tmp}/flat.json"], "must hold a JSON object of token -> claims"),
+        (["--tokens-file", "{tmp}/badkey.json"], "token #2 is not a non-empty RFC 6750 token"),
+        (["no_such_module_xyz:app"], "cannot import module 'no_such_module_xyz'"),
+        (["json:no_such_app"], "module 'json' has no attribute 'no_such_app'"),
+        (["json"], "must look like MODULE:ATTR"),
+        (["json:__name__"], "neither an ASGI app nor an MCP server"),
+        (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
+        (["--port", "http"], "argument --port: invalid int value"),
+        (["--resource", "not-a-url"], "resource must be an absolute http(s) URL"),
+        (["--required-scope", "two words"], "is not an RFC 6749 scope-token"),
+        (["--exclude", "health"], "exclude_paths entries must start with '/'"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ],
+)
+def test_cli_bad_input_is_one_stderr_line_and_exit_2(
+    args: list[str], message: str, tmp_path: Any, busy_port: int
+) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text(json.dumps([BOB]))
+    (tmp_path / "flat.json").write_text(json.dumps({BOB: "bob"}))
+    (tmp_path / "badkey.json").write_text(json.dumps({BOB: {}, f"{BOB} x": {}}))
+    args = [a.format(tmp=tmp_path, busy=busy_port) for a in args]
+    result = run_cli(*args, "--port", str(busy_port)) if "--port" not in args else run_cli(*args)
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mcp_bearer: error: "), result.stderr
+    assert message.format(busy=busy_port) in lines[0]
+    assert BOB not in result.stderr and BOB not in result.stdout
+
+
+def test_cli_help_explains() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--tokens-file", "--exclude", "--required-scope", "--resource", "--authorization-server"):
+        assert option in result.stdout
+    assert "MCP_BEARER_TOKENS" in result.stdout
+
+
+# --- the README's code, as users will copy it ------------------------------------
+
+
+def readme_block(marker: str) -> str:
+    """The README's python code block that contains ``marker``."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
+        blocks = readme.read().split("```python\n")[1:]
+    (block,) = [b.split("```", 1)[0] for b in blocks if marker in b]
+    return block
+
+
+@pytest.mark.anyio
+async def test_readme_quick_start_server_works_as_written() -> None:
+    source = readme_block("# server.py")
+    if MCP_MAJOR == 1:
+        source = source.replace("from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer")
+    SECRETS.update({"sk-abc123", "sk-def456"})
+    namespace: dict[str, Any] = {"__name__": "server"}
+    exec(compile(source, "README.md:server.py", "exec"), namespace)  # noqa: S102 - our own README
+    with serve(namespace["app"]) as base:
+        assert raw_request(base, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)[0] == 401
+        async with mcp_session(base + "/mcp", "sk-def456") as (session, _):
+            result = await session.call_tool("whoami", {})
+            assert result.content[0].text == "Hello bob@example.com"  # type: ignore[union-attr]
+
+
+def test_readme_jwt_provider_checks_signature_audience_and_expiry() -> None:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    namespace: dict[str, Any] = {}
+    exec(compile(readme_block("class JWTProvider"), "README.md:jwt", "exec"), namespace)  # noqa: S102
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    provider = namespace["JWTProvider"](public.decode(), issuer="https://auth.example.com")
+    now = int(time.time())
+    good = {"iss": "https://auth.example.com", "aud": namespace["RESOURCE"], "sub": "alice", "exp": now + 60, "scope": "a b"}
+
+    def sign(claims: dict[str, Any], signer: Any = key) -> str:
+        token = jwt.encode(claims, signer, algorithm="RS256")
+        SECRETS.add(token)
+        return token
+
+    token = sign(good)
+    access = anyio.run(provider.verify_token, token)
+    assert access.claims["sub"] == "alice" and access.scopes == ["a", "b"] and access.expires_at == now + 60
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    refused = [
+        sign({**good, "aud": "https://other.example.com/mcp"}),  # a token for another resource
+        sign({**good, "iss": "https://evil.example.com"}),
+        sign({**good, "exp": now - 60}),
+        sign({k: v for k, v in good.items() if k != "sub"}),
+        sign(good, other_key),
+    ]
+    for bad in refused:
+        assert anyio.run(provider.verify_token, bad) is None
+    outcome = Harness(provider).request(bearer(token))
+    assert outcome.status == 200 and outcome.app_calls[0][1].claims["sub"] == "alice"  # type: ignore[union-attr]
+
+
+def test_module_imports_only_the_standard_library() -> None:
+    check = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import mcp_bearer; "
+        "third = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'mcp_bearer', '__main__'}; "
+        "assert not third, third"
+    )
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", check, REPO], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
