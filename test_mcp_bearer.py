@@ -1214,10 +1214,26 @@ TEAM = [f"sk-team-{n:02d}-{hashlib.sha256(str(n).encode()).hexdigest()[:20]}" fo
 SECRETS.update(TEAM)
 
 
-async def concurrent_calls(url: str, tokens: list[str], calls: int, in_flight: int) -> list[str]:
-    """``calls`` identity calls on one session, ``in_flight`` at a time; returns the mismatches."""
-    mismatches: list[str] = []
-    limit = anyio.Semaphore(in_flight)
+@dataclass
+class Tally:
+    """What a batch of calls saw: wrong identities, unexpected statuses or errors, hangs."""
+
+    calls: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    hangs: int = 0
+
+    def __iadd__(self, other: Tally) -> Tally:
+        self.calls += other.calls
+        self.mismatches += other.mismatches
+        self.errors += other.errors
+        self.hangs += other.hangs
+        return self
+
+
+async def concurrent_calls(url: str, tokens: list[str], calls: int, limit: anyio.Semaphore) -> Tally:
+    """``calls`` identity calls on one session, cycling through ``tokens``, at most ``limit`` in flight."""
+    tally = Tally()
     async with (
         httpx.AsyncClient(auth=PerCallToken(tokens, tokens[0]), timeout=60) as client,
         streamable_http_client(url, http_client=client) as streams,
@@ -1226,18 +1242,27 @@ async def concurrent_calls(url: str, tokens: list[str], calls: int, in_flight: i
         await session.initialize()
 
         async def one(i: int) -> None:
+            n = i % len(tokens)
             async with limit:
-                n = i % len(tokens)
-                result = await session.call_tool("identity", {"n": n})
-                seen = json.loads(result.content[0].text)  # type: ignore[union-attr]
-                expected = fingerprint(tokens[n])
-                if seen != {"n": n, "before": expected, "after": expected}:
-                    mismatches.append(f"call {i}: {seen}")
+                tally.calls += 1
+                try:
+                    with anyio.fail_after(30):
+                        result = await session.call_tool("identity", {"n": n})
+                except TimeoutError:
+                    tally.hangs += 1
+                    return
+                except Exception as exc:  # the client's error types differ between SDK versions
+                    tally.errors.append(f"call {i}: {type(exc).__name__}")
+                    return
+            seen = json.loads(result.content[0].text)  # type: ignore[union-attr]
+            expected = fingerprint(tokens[n])
+            if seen != {"n": n, "before": expected, "after": expected}:
+                tally.mismatches.append(f"call {i}: {seen}")
 
         async with anyio.create_task_group() as group:
             for i in range(calls):
                 group.start_soon(one, i)
-    return mismatches
+    return tally
 
 
 @pytest.mark.anyio
@@ -1246,7 +1271,8 @@ async def test_e2e_20_concurrent_calls_on_one_session_each_see_their_own_token()
     tokens = TEAM[:20]
     provider = RecordingProvider({token: {"sub": "team"} for token in tokens})
     with serve(BearerAuthMiddleware(mcp_app(identity), provider)) as base:
-        assert await concurrent_calls(base + "/mcp", tokens, calls=20, in_flight=20) == []
+        tally = await concurrent_calls(base + "/mcp", tokens, calls=20, limit=anyio.Semaphore(20))
+    assert tally == Tally(calls=20)
     assert set(provider.calls) == set(tokens)
 
 
@@ -1459,3 +1485,191 @@ def test_module_imports_only_the_standard_library() -> None:
     )
     result = subprocess.run([sys.executable, "-I", "-S", "-c", check, REPO], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --- provider faults, load, leaks (issue 4) --------------------------------------
+
+RAISE, HANG, WRONG_TYPE, EXPIRED, SLOW = (f"sk-{kind}-Vb7Nq2Lx8Rz4" for kind in ("raise", "hang", "wrongtype", "expired", "slow"))
+SECRETS.update({RAISE, HANG, WRONG_TYPE, EXPIRED, SLOW})
+
+
+class FaultyProvider(BearerAuthProvider):
+    """Misbehaves as the token says; otherwise a StaticTokenProvider. Runs on the server's loop."""
+
+    def __init__(self) -> None:
+        self.static = StaticTokenProvider(TOKENS)
+        self.hanging = threading.Event()
+        self.hang_cancelled = threading.Event()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if token == RAISE:
+            raise ConnectionError(f"token service unreachable for {token}")
+        if token == WRONG_TYPE:
+            return {"sub": "x"}  # type: ignore[return-value]
+        if token == EXPIRED:
+            return AccessToken(token, {"sub": "late"}, expires_at=time.time() - 5)
+        if token == HANG:
+            self.hanging.set()
+            try:
+                await anyio.sleep(3600)
+            finally:
+                self.hang_cancelled.set()
+        if token == SLOW:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            await anyio.sleep(0.05)
+            self.in_flight -= 1
+            return AccessToken(token, {"sub": "slow"})
+        return await self.static.verify_token(token)
+
+
+def test_provider_faults_under_a_real_server(caplog: pytest.LogCaptureFixture) -> None:
+    provider = FaultyProvider()
+    reached: list[str | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            token = get_access_token()
+            reached.append(token.token if token else None)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    def status(base: str, token: str) -> int:
+        return int(raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {token}"})[0])
+
+    with caplog.at_level(logging.DEBUG, logger="mcp_bearer"):
+        with serve(BearerAuthMiddleware(app, provider), timeout_graceful_shutdown=1) as base:
+            # A provider that hangs, and a client that gives up on it and disconnects.
+            host, port = base.removeprefix("http://").split(":")
+            hung = socket.create_connection((host, int(port)))
+            hung.sendall(f"POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {HANG}\r\n\r\n".encode())
+            assert provider.hanging.wait(10)
+            hung.close()
+            # The server keeps serving everyone else, each with a verdict of its own.
+            verdicts = {token: status(base, token) for token in (RAISE, WRONG_TYPE, EXPIRED, BOB, RAISE)}
+            assert verdicts == {RAISE: 500, WRONG_TYPE: 500, EXPIRED: 401, BOB: 200}
+            # Slow verdicts overlap instead of queueing behind one another.
+            with __import__("concurrent.futures").futures.ThreadPoolExecutor(25) as pool:
+                slow = list(pool.map(lambda _: status(base, SLOW), range(25)))
+            assert slow == [200] * 25 and provider.max_in_flight > 1
+        assert provider.hang_cancelled.is_set()  # cancelled at shutdown, never answered by the app
+    assert HANG not in reached and RAISE not in reached and WRONG_TYPE not in reached and EXPIRED not in reached
+    assert reached.count(BOB) == 1 and reached.count(SLOW) == 25
+    records = [r for r in caplog.records if r.name == "mcp_bearer"]
+    assert len(records) == 3  # one per failure: two raises, one wrong type
+    assert all(r.levelno == logging.ERROR for r in records)
+    raised = [r.getMessage() for r in records if "raised" in r.getMessage()]
+    assert len(raised) == 2 and all("Traceback" in m and "ConnectionError" in m for m in raised)
+    assert_no_secret_logged(records)
+
+
+def shared_sub(n: int) -> str:
+    """Half the tokens have a user of their own; the other half share five users."""
+    return f"user-{n}" if n < 25 else f"shared-{n % 5}"
+
+
+@pytest.mark.anyio
+async def test_load_no_cross_talk_at_100_in_flight() -> None:
+    """2,000 tool calls from 50 tokens, stateful and stateless, mixed with refused requests."""
+    provider = RecordingProvider({token: {"sub": shared_sub(n)} for n, token in enumerate(TEAM)})
+    stateful = BearerAuthMiddleware(mcp_app(identity), provider)
+    stateless = BearerAuthMiddleware(mcp_app(identity, stateless=True, json_response=True), provider)
+    by_user: dict[str, list[str]] = {}
+    for n, token in enumerate(TEAM):
+        by_user.setdefault(shared_sub(n), []).append(token)
+    sessions = [by_user[f"shared-{k}"] for k in range(5)] + [by_user[f"user-{k}"] for k in range(5)]
+    limit = anyio.Semaphore(100)
+    tally = Tally()
+    refused = Tally()
+
+    async def refusals(base: str, session_owner: str) -> None:
+        """Requests that must be refused: no token, an unknown token, another user's session."""
+        async with httpx.AsyncClient(timeout=30) as client:
+            created = await client.post(base + "/mcp", content=INITIALIZE, headers={**MCP_POST_HEADERS, "Authorization": f"Bearer {session_owner}"})
+            victim = created.headers["mcp-session-id"]
+            cases = [({}, 401), ({"Authorization": "Bearer sk-nobody"}, 401), ({"Authorization": "Basic eDp5"}, 401)]
+            cases.append(({"Authorization": f"Bearer {TEAM[1]}", "mcp-session-id": victim}, 404))
+            for i in range(200):
+                headers, expected = cases[i % len(cases)]
+                async with limit:
+                    refused.calls += 1
+                    response = await client.post(base + "/mcp", content=INITIALIZE, headers={**MCP_POST_HEADERS, **headers})
+                if response.status_code != expected:
+                    refused.mismatches.append(f"{i}: {response.status_code} != {expected}")
+
+    async def session_batch(base: str, tokens: list[str], calls: int) -> None:
+        nonlocal tally
+        tally += await concurrent_calls(base + "/mcp", tokens, calls, limit)
+
+    with serve(stateful) as stateful_base, serve(stateless) as stateless_base:
+        async with anyio.create_task_group() as group:
+            for tokens in sessions:  # 10 stateful sessions, 100 calls each
+                group.start_soon(session_batch, stateful_base, tokens, 100)
+            for k in range(10):  # stateless: every call its own request, any token
+                group.start_soon(session_batch, stateless_base, TEAM[k::10], 100)
+            group.start_soon(refusals, stateful_base, TEAM[0])
+    print(f"\nload: {tally.calls} calls, {len(tally.mismatches)} mismatches, {len(tally.errors)} errors, "
+          f"{tally.hangs} hangs; {refused.calls} refusals, {len(refused.mismatches)} wrong")
+    assert tally == Tally(calls=2000)
+    assert refused == Tally(calls=200)
+
+
+def test_memory_stays_bounded_over_100k_requests() -> None:
+    """Authorized, refused, excluded, sessions created and deleted: memory is bounded by max_sessions."""
+    import gc
+    import tracemalloc
+
+    open_sessions = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal open_sessions
+        headers = []
+        if scope["method"] == "POST" and scope["path"] == "/mcp":
+            open_sessions += 1
+            headers = [(b"mcp-session-id", b"s%d" % open_sessions)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = BearerAuthMiddleware(app, StaticTokenProvider(TOKENS), max_sessions=100)
+
+    async def noop(message: Any) -> None:
+        pass
+
+    def scope(path: str, method: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+        return {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers}
+
+    async def drive(rounds: int) -> None:
+        for i in range(rounds):
+            await middleware(scope("/mcp", "POST", bearer(BOB)), None, noop)  # creates a session
+            await middleware(scope("/mcp", "GET", bearer(ALICE_1)), None, noop)
+            await middleware(scope("/mcp", "DELETE", [*bearer(BOB), (b"mcp-session-id", b"s%d" % open_sessions)]), None, noop)
+            await middleware(scope("/mcp", "POST", bearer(ALICE_2)), None, noop)  # kept until evicted
+            await middleware(scope("/mcp", "GET", []), None, noop)
+            await middleware(scope("/mcp", "GET", bearer(f"sk-unknown-{i}")), None, noop)
+            await middleware(scope("/mcp", "GET", [(b"authorization", b"Bearer a b")]), None, noop)
+            await middleware(scope("/health", "GET", []), None, noop)
+            await middleware(scope("/mcp", "GET", [(b"mcp-session-id", b"nope"), *bearer(BOB)]), None, noop)
+            await middleware(scope("/mcp", "OPTIONS", PREFLIGHT), None, noop)
+
+    async def measure() -> tuple[int, int]:
+        await drive(1_000)  # warm up: caches, interned strings, the session table filled to its bound
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        await drive(10_000)  # 100,000 requests
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return before, after
+
+    before, after = anyio.run(measure)
+    sessions = middleware._sessions
+    assert sessions is not None and len(sessions) == 100
+    # All the table may hold at its bound: the dict and every key and principal in it (all may be
+    # re-allocated while tracing), plus 4 KiB for the interpreter's own caches.
+    allowance = sys.getsizeof(sessions) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in sessions.items()) + 4096
+    print(f"\nmemory over 100,000 requests: {after - before:+d} bytes (allowed {allowance})")
+    assert after - before <= allowance
+    assert get_access_token() is None and mcp_bearer._current_token.get() is None
