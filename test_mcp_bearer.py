@@ -7,7 +7,6 @@ port and drive it with the SDK's own client. They adapt to mcp 1.x or 2.x.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -19,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from unittest import mock
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import anyio
 import pytest
@@ -732,7 +731,7 @@ async def test_e2e_no_token_is_refused_before_the_mcp_app(stateful_url: str) -> 
     status, headers, body = raw_request(stateful_url.rsplit("/", 1)[0], "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)
     assert status == 401 and json.loads(body) == UNAUTHORIZED
     assert headers["www-authenticate"] == "Bearer" and "mcp-session-id" not in headers
-    with pytest.raises(Exception):  # noqa: B017, PT011 - the SDK client's error type differs between versions
+    with pytest.raises(Exception):  # noqa: B017 - the SDK client's error type differs between versions
         async with mcp_session(stateful_url, None):
             pass
 
@@ -761,7 +760,9 @@ async def test_e2e_rotated_keys_of_one_user_on_one_session_each_see_their_own_to
 @pytest.mark.anyio
 @pytest.mark.parametrize("json_response", [False, True])
 async def test_e2e_stateless_mode(json_response: bool) -> None:
-    app = BearerAuthMiddleware(mcp_app(whoami, whoami_async, stateless=True, json_response=json_response), RecordingProvider())
+    app = BearerAuthMiddleware(
+        mcp_app(whoami, whoami_async, stateless=True, json_response=json_response), RecordingProvider()
+    )
     with serve(app) as base:
         for token in (BOB, ALICE_2):
             async with mcp_session(base + "/mcp", token) as (session, _):
@@ -826,7 +827,11 @@ def test_required_scopes_answer_403_insufficient_scope(granted: Any, status: int
     outcome = Harness(FixedProvider(scopes=granted), required_scopes=["read", "write"]).request(bearer(BOB))
     assert outcome.status == status
     if status == 403:
-        assert outcome.json() == {"error": "insufficient_scope", "error_description": "Insufficient scope", "scope": "read write"}
+        assert outcome.json() == {
+            "error": "insufficient_scope",
+            "error_description": "Insufficient scope",
+            "scope": "read write",
+        }
         assert outcome.header("www-authenticate") == (
             'Bearer error="insufficient_scope", scope="read write", error_description="Insufficient scope"'
         )
@@ -869,9 +874,7 @@ METADATA_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize(
-    "path", ["/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"]
-)
+@pytest.mark.parametrize("path", ["/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"])
 def test_protected_resource_metadata_is_served_unauthenticated(path: str) -> None:
     harness = Harness(**METADATA_OPTIONS)
     outcome = harness.request([], path=path, method="GET")
@@ -910,7 +913,10 @@ def test_every_challenge_names_realm_scope_and_resource_metadata() -> None:
     harness = Harness(realm='mcp "prod" \\ eu', **METADATA_OPTIONS)
     url = "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
     realm = 'realm="mcp \\"prod\\" \\\\ eu"'
-    assert harness.request([]).header("www-authenticate") == f'Bearer {realm}, scope="mcp:tools", resource_metadata="{url}"'
+    assert (
+        harness.request([]).header("www-authenticate")
+        == f'Bearer {realm}, scope="mcp:tools", resource_metadata="{url}"'
+    )
     assert harness.request(bearer("sk-nobody")).header("www-authenticate") == (
         f'Bearer {realm}, error="invalid_token", scope="mcp:tools", '
         f'error_description="Token is invalid or expired", resource_metadata="{url}"'
@@ -1070,7 +1076,9 @@ def test_e2e_metadata_document_over_http() -> None:
             }
         status, headers, body = raw_request(base, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)
         assert status == 401
-        assert headers["www-authenticate"] == f'Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp"'
+        assert (
+            headers["www-authenticate"] == f'Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp"'
+        )
 
 
 class _NoStorage:
@@ -1111,10 +1119,12 @@ async def test_e2e_sdk_oauth_client_follows_resource_metadata_to_the_authorizati
                 base + "/mcp", OAuthClientMetadata(redirect_uris=["http://127.0.0.1:1/cb"]), _NoStorage()
             )
             async with httpx.AsyncClient(auth=oauth, timeout=20) as client:
-                with pytest.raises(BaseException):  # noqa: B017, PT011 - no real issuer: the flow must stop
-                    async with streamable_http_client(base + "/mcp", http_client=client) as streams:
-                        async with ClientSession(streams[0], streams[1]) as session:
-                            await session.initialize()
+                with pytest.raises(BaseException):  # noqa: B017 - no real issuer: the flow must stop
+                    async with (
+                        streamable_http_client(base + "/mcp", http_client=client) as streams,
+                        ClientSession(streams[0], streams[1]) as session,
+                    ):
+                        await session.initialize()
     assert seen_here[:2] == [("POST", "/mcp"), ("GET", "/.well-known/oauth-protected-resource/mcp")]
     metadata = oauth.context.protected_resource_metadata
     assert metadata is not None and str(metadata.resource) == base + "/mcp"
@@ -1325,7 +1335,9 @@ async def test_cli_demo_prints_one_token_and_serves_whoami_with_it() -> None:
         token = lines[0].removeprefix("Bearer token: ")
         SECRETS.add(token)
         config = json.loads("\n".join(lines[2:-1]))
-        assert config == {"mcpServers": {"demo": {"url": base + "/mcp", "headers": {"Authorization": f"Bearer {token}"}}}}
+        assert config == {
+            "mcpServers": {"demo": {"url": base + "/mcp", "headers": {"Authorization": f"Bearer {token}"}}}
+        }
         assert raw_request(base, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)[0] == 401
         async with mcp_session(base + "/mcp", token) as (session, _):
             assert await call_json(session, "whoami") == {"sub": "demo-user"}
@@ -1358,10 +1370,11 @@ def test_cli_serves_any_asgi_app_with_every_option(tmp_path: Any) -> None:
         assert raw_request(base, "GET", "/x", {"Authorization": f"Bearer {ALICE_1}"})[0] == 403
         assert raw_request(base, "GET", "/status")[0] == 200
         assert raw_request(base, "GET", "/health")[0] == 401  # --exclude replaced the defaults
-        status, headers, body = raw_request(base, "GET", "/.well-known/oauth-protected-resource/mcp")
+        status, _, body = raw_request(base, "GET", "/.well-known/oauth-protected-resource/mcp")
         assert status == 200 and json.loads(body)["authorization_servers"] == ["https://auth.example.com"]
-        assert 'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"' in (
-            raw_request(base, "GET", "/x")[1]["www-authenticate"]
+        assert (
+            'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"'
+            in (raw_request(base, "GET", "/x")[1]["www-authenticate"])
         )
 
 
@@ -1431,10 +1444,12 @@ def readme_block(marker: str) -> str:
 async def test_readme_quick_start_server_works_as_written() -> None:
     source = readme_block("# server.py")
     if MCP_MAJOR == 1:
-        source = source.replace("from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer")
+        source = source.replace(
+            "from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer"
+        )
     SECRETS.update({"sk-abc123", "sk-def456"})
     namespace: dict[str, Any] = {"__name__": "server"}
-    exec(compile(source, "README.md:server.py", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(source, "README.md:server.py", "exec"), namespace)
     with serve(namespace["app"]) as base:
         assert raw_request(base, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)[0] == 401
         async with mcp_session(base + "/mcp", "sk-def456") as (session, _):
@@ -1448,12 +1463,18 @@ def test_readme_jwt_provider_checks_signature_audience_and_expiry() -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     namespace: dict[str, Any] = {}
-    exec(compile(readme_block("class JWTProvider"), "README.md:jwt", "exec"), namespace)  # noqa: S102
+    exec(compile(readme_block("class JWTProvider"), "README.md:jwt", "exec"), namespace)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     provider = namespace["JWTProvider"](public.decode(), issuer="https://auth.example.com")
     now = int(time.time())
-    good = {"iss": "https://auth.example.com", "aud": namespace["RESOURCE"], "sub": "alice", "exp": now + 60, "scope": "a b"}
+    good = {
+        "iss": "https://auth.example.com",
+        "aud": namespace["RESOURCE"],
+        "sub": "alice",
+        "exp": now + 60,
+        "scope": "a b",
+    }
 
     def sign(claims: dict[str, Any], signer: Any = key) -> str:
         token = jwt.encode(claims, signer, algorithm="RS256")
@@ -1489,7 +1510,9 @@ def test_module_imports_only_the_standard_library() -> None:
 
 # --- provider faults, load, leaks (issue 4) --------------------------------------
 
-RAISE, HANG, WRONG_TYPE, EXPIRED, SLOW = (f"sk-{kind}-Vb7Nq2Lx8Rz4" for kind in ("raise", "hang", "wrongtype", "expired", "slow"))
+RAISE, HANG, WRONG_TYPE, EXPIRED, SLOW = (
+    f"sk-{kind}-Vb7Nq2Lx8Rz4" for kind in ("raise", "hang", "wrongtype", "expired", "slow")
+)
 SECRETS.update({RAISE, HANG, WRONG_TYPE, EXPIRED, SLOW})
 
 
@@ -1587,7 +1610,11 @@ async def test_load_no_cross_talk_at_100_in_flight() -> None:
     async def refusals(base: str, session_owner: str) -> None:
         """Requests that must be refused: no token, an unknown token, another user's session."""
         async with httpx.AsyncClient(timeout=30) as client:
-            created = await client.post(base + "/mcp", content=INITIALIZE, headers={**MCP_POST_HEADERS, "Authorization": f"Bearer {session_owner}"})
+            created = await client.post(
+                base + "/mcp",
+                content=INITIALIZE,
+                headers={**MCP_POST_HEADERS, "Authorization": f"Bearer {session_owner}"},
+            )
             victim = created.headers["mcp-session-id"]
             cases = [({}, 401), ({"Authorization": "Bearer sk-nobody"}, 401), ({"Authorization": "Basic eDp5"}, 401)]
             cases.append(({"Authorization": f"Bearer {TEAM[1]}", "mcp-session-id": victim}, 404))
@@ -1595,7 +1622,9 @@ async def test_load_no_cross_talk_at_100_in_flight() -> None:
                 headers, expected = cases[i % len(cases)]
                 async with limit:
                     refused.calls += 1
-                    response = await client.post(base + "/mcp", content=INITIALIZE, headers={**MCP_POST_HEADERS, **headers})
+                    response = await client.post(
+                        base + "/mcp", content=INITIALIZE, headers={**MCP_POST_HEADERS, **headers}
+                    )
                 if response.status_code != expected:
                     refused.mismatches.append(f"{i}: {response.status_code} != {expected}")
 
@@ -1610,8 +1639,10 @@ async def test_load_no_cross_talk_at_100_in_flight() -> None:
             for k in range(10):  # stateless: every call its own request, any token
                 group.start_soon(session_batch, stateless_base, TEAM[k::10], 100)
             group.start_soon(refusals, stateful_base, TEAM[0])
-    print(f"\nload: {tally.calls} calls, {len(tally.mismatches)} mismatches, {len(tally.errors)} errors, "
-          f"{tally.hangs} hangs; {refused.calls} refusals, {len(refused.mismatches)} wrong")
+    print(
+        f"\nload: {tally.calls} calls, {len(tally.mismatches)} mismatches, {len(tally.errors)} errors, "
+        f"{tally.hangs} hangs; {refused.calls} refusals, {len(refused.mismatches)} wrong"
+    )
     assert tally == Tally(calls=2000)
     assert refused == Tally(calls=200)
 
@@ -1644,7 +1675,9 @@ def test_memory_stays_bounded_over_100k_requests() -> None:
         for i in range(rounds):
             await middleware(scope("/mcp", "POST", bearer(BOB)), None, noop)  # creates a session
             await middleware(scope("/mcp", "GET", bearer(ALICE_1)), None, noop)
-            await middleware(scope("/mcp", "DELETE", [*bearer(BOB), (b"mcp-session-id", b"s%d" % open_sessions)]), None, noop)
+            await middleware(
+                scope("/mcp", "DELETE", [*bearer(BOB), (b"mcp-session-id", b"s%d" % open_sessions)]), None, noop
+            )
             await middleware(scope("/mcp", "POST", bearer(ALICE_2)), None, noop)  # kept until evicted
             await middleware(scope("/mcp", "GET", []), None, noop)
             await middleware(scope("/mcp", "GET", bearer(f"sk-unknown-{i}")), None, noop)
