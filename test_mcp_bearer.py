@@ -987,9 +987,11 @@ def test_unknown_and_duplicated_session_ids_are_refused() -> None:
     assert sid
     alice_sid = harness.request(bearer(ALICE_1)).header("mcp-session-id")
     assert alice_sid
-    # bob names alice's session next to his own: never let the app pick the one we did not check
-    both = harness.request(with_session(with_session(bearer(BOB), sid), alice_sid))
-    assert both.status == 404 and both.app_calls == []
+    # Bob names alice's session next to his own, in either order: the app would take one of them
+    # (Starlette takes the first), so the middleware must not check just the other.
+    for pair in ((sid, alice_sid), (alice_sid, sid)):
+        both = harness.request(with_session(with_session(bearer(BOB), pair[0]), pair[1]))
+        assert both.status == 404 and both.app_calls == []
 
 
 def test_session_binding_ends_with_delete_or_app_404() -> None:
