@@ -7,6 +7,7 @@ port and drive it with the SDK's own client. They adapt to mcp 1.x or 2.x.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -623,7 +624,7 @@ def test_access_token_repr_hides_the_secret() -> None:
 @contextlib.contextmanager
 def serve(app: Any, listener: socket.socket | None = None, **config: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL; stop it."""
-    listener = listener or socket.create_server(("127.0.0.1", 0))
+    listener = listener or mcp_bearer._listen("127.0.0.1", 0)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
@@ -1047,7 +1048,7 @@ def test_only_a_real_cors_preflight_passes_without_credentials(
 
 
 def listener_and_url() -> tuple[socket.socket, str]:
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = mcp_bearer._listen("127.0.0.1", 0)
     return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
@@ -1421,6 +1422,27 @@ def test_cli_bad_input_is_one_stderr_line_and_exit_2(
     assert len(lines) == 1 and lines[0].startswith("mcp_bearer: error: "), result.stderr
     assert message.format(busy=busy_port) in lines[0]
     assert BOB not in result.stderr and BOB not in result.stdout
+
+
+def test_cli_listener_lets_asyncio_turn_nagle_off() -> None:
+    """Found by the benchmark: with create_server's protocol 0, each CLI response waited ~40 ms."""
+
+    async def accepted_nodelay() -> int:
+        nodelay: list[int] = []
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nodelay.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = mcp_bearer._listen("127.0.0.1", 0)
+        async with await asyncio.start_server(on_connect, sock=listener):
+            _, writer = await asyncio.open_connection(*listener.getsockname())
+            while not nodelay:
+                await asyncio.sleep(0.01)
+            writer.close()
+        return nodelay[0]
+
+    assert asyncio.run(accepted_nodelay()) != 0
 
 
 def test_cli_help_explains() -> None:
