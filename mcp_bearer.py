@@ -70,7 +70,11 @@ _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; requ
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+# RFC 9110 section 11.4: credentials = auth-scheme [ 1*SP token68 ], the scheme case-insensitive,
+# optional whitespace around the field value (section 5.5). Anything else is refused.
+_BEARER_CREDENTIALS = re.compile(rb"[ \t]*(?i:bearer) +(" + _TOKEN68.pattern + rb")[ \t]*")
 # RFC 9110 section 5.6.2 tchar: a scheme is a run of these, so "Bearerx" is another scheme.
+_WATCHED_NAME_SIZES = frozenset({len(b"authorization"), len(b"mcp-session-id")})
 _TCHARS = frozenset(
     bytes([c]) for c in b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
@@ -363,10 +367,11 @@ class BearerAuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind != "http" and kind != "websocket":
+        if kind != "http":
             if kind == "lifespan":  # the MCP SDK starts its session manager here
                 return await self.app(scope, receive, send)
-            raise RuntimeError(f"mcp_bearer: refusing ASGI scope type {kind!r}; only http, websocket, lifespan")
+            if kind != "websocket":
+                raise RuntimeError(f"mcp_bearer: refusing ASGI scope type {kind!r}; only http, websocket, lifespan")
 
         path: str = scope["path"]
         root_path: str = scope.get("root_path", "")
@@ -387,31 +392,25 @@ class BearerAuthMiddleware:
         session_id = None
         session_id_count = 0
         for name, value in scope["headers"]:
-            size = len(name)
-            if size == 13 and name.lower() == b"authorization":
-                authorization = value
-                authorization_count += 1
-            elif size == 14 and name.lower() == b"mcp-session-id":
-                session_id = value
-                session_id_count += 1
+            if len(name) in _WATCHED_NAME_SIZES:
+                name = name.lower()
+                if name == b"authorization":
+                    authorization = value
+                    authorization_count += 1
+                elif name == b"mcp-session-id":
+                    session_id = value
+                    session_id_count += 1
 
         if authorization is None:
             return await self._respond(scope, send, self._unauthorized)
         if authorization_count > 1:  # which one would the app trust? Refuse rather than guess.
             return await self._respond(scope, send, self._malformed)
-        credentials = authorization.strip(b" \t")
-        # RFC 9110 section 11.1: the scheme is case-insensitive and ends where tchars end.
-        if credentials[:6].lower() != b"bearer" or credentials[6:7] in _TCHARS:
-            return await self._respond(scope, send, self._unauthorized)
-        token_bytes = credentials[6:].lstrip(b" ")
-        if not token_bytes:  # "Bearer" alone: no credentials at all (RFC 6750 section 3.1)
-            return await self._respond(scope, send, self._unauthorized)
-        if len(token_bytes) + 6 == len(credentials):  # no SP after the scheme: "Bearer\tx", 'Bearer"x"'
-            return await self._respond(scope, send, self._malformed)
+        credentials = _BEARER_CREDENTIALS.fullmatch(authorization)
+        if credentials is None:
+            return await self._respond(scope, send, self._refusal_for(authorization))
+        token_bytes: bytes = credentials[1]
         if len(token_bytes) > self._max_token_length:
             return await self._respond(scope, send, self._invalid_token)
-        if not _TOKEN68.fullmatch(token_bytes):
-            return await self._respond(scope, send, self._malformed)
         token = token_bytes.decode("ascii")
 
         try:
@@ -431,13 +430,14 @@ class BearerAuthMiddleware:
             logger.error(_LOG_PROVIDER_RAISED, text.replace(token, "[token]"))
             return await self._respond(scope, send, self._server_error)
 
-        sessions = self._sessions
-        if sessions is not None and kind == "http" and (session_id is not None or method == "POST"):
-            principal = _principal(access, token)
-            # MCP spec: a session never stands in for authentication; it belongs to its creator.
-            if session_id is not None and (session_id_count > 1 or sessions.get(session_id) != principal):
-                return await self._respond(scope, send, self._session_not_found)
-            send = self._session_watcher(send, session_id, principal, method == "DELETE")
+        if self._sessions is not None and kind == "http":
+            if session_id is not None:
+                # MCP spec: a session never stands in for authentication; it belongs to its creator.
+                if session_id_count > 1 or self._sessions.get(session_id) != _principal(access, token):
+                    return await self._respond(scope, send, self._session_not_found)
+                send = self._ending_send(send, session_id, method == "DELETE")
+            elif method == "POST":  # only an initialize POST creates a session
+                send = self._binding_send(send, access, token)
 
         state = scope.get("state")
         if state is None:
@@ -449,24 +449,43 @@ class BearerAuthMiddleware:
         finally:
             _current_token.reset(reset)
 
-    def _session_watcher(self, send: Send, session_id: bytes | None, principal: str, deleting: bool) -> Send:
-        """Observe the response: bind a new session to its creator, forget an ended one."""
+    def _refusal_for(self, authorization: bytes) -> _Response:
+        """Why a header that is not ``Bearer <token68>`` is refused: no bearer credentials, or malformed ones."""
+        credentials = authorization.strip(b" \t")
+        # RFC 9110 section 11.1: the scheme ends where tchars end, so "Bearerx" and "Basic" are other schemes.
+        if credentials[:6].lower() != b"bearer" or credentials[6:7] in _TCHARS:
+            return self._unauthorized
+        if not credentials[6:]:  # "Bearer" alone: no credentials at all (RFC 6750 section 3.1)
+            return self._unauthorized
+        return self._malformed  # "Bearer a b", "Bearer\tx", 'Bearer "x"', non-ASCII, ...
+
+    def _binding_send(self, send: Send, access: AccessToken, token: str) -> Send:
+        """Watch a response that may create a session, and bind the session to its creator."""
         sessions: dict[bytes, str] = self._sessions  # type: ignore[assignment]
 
-        async def watching_send(message: Message) -> None:
+        async def binding_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers", ()):
+                    if len(name) == 14 and name.lower() == b"mcp-session-id" and value:
+                        sessions[value] = _principal(access, token)
+                        if len(sessions) > self._max_sessions:  # oldest first; its owner re-initializes
+                            del sessions[next(iter(sessions))]
+            await send(message)
+
+        return binding_send
+
+    def _ending_send(self, send: Send, session_id: bytes, deleting: bool) -> Send:
+        """Watch a response on a session, and forget the session once the app has ended it."""
+        sessions: dict[bytes, str] = self._sessions  # type: ignore[assignment]
+
+        async def ending_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if session_id is None:
-                    for name, value in message.get("headers", ()):
-                        if len(name) == 14 and name.lower() == b"mcp-session-id" and value:
-                            sessions[value] = principal
-                            if len(sessions) > self._max_sessions:  # oldest first; its owner re-initializes
-                                del sessions[next(iter(sessions))]
-                elif status == 404 or (deleting and 200 <= status < 300):
+                if status == 404 or (deleting and 200 <= status < 300):
                     sessions.pop(session_id, None)
             await send(message)
 
-        return watching_send
+        return ending_send
 
     async def _respond(self, scope: Scope, send: Send, response: _Response) -> None:
         status, headers, body = response
