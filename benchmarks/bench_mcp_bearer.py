@@ -1,0 +1,682 @@
+"""Benchmark of mcp_bearer.BearerAuthMiddleware: per-request cost, memory and end-to-end throughput.
+
+Micro (always): one trivial ASGI app (200, body ``ok``) called directly, without network, served
+
+- bare;
+- through ``BearerAuthMiddleware`` + ``StaticTokenProvider``: valid token, missing token, invalid token, excluded path;
+- through the MCP SDK's own stack (Starlette ``AuthenticationMiddleware`` + ``BearerAuthBackend``, then
+  ``AuthContextMiddleware``, then ``RequireAuthMiddleware``) with an equivalent dict/digest ``TokenVerifier``;
+- through an equivalent Starlette ``BaseHTTPMiddleware``.
+
+Each round runs N requests of every variant in turn (start rotated per round) in one event loop; a variant's
+time is the median over rounds of its per-round mean, its overhead the median of the per-round differences to
+bare. Bare therefore includes the harness (a scope copy, an ``await``, two discarded sends). These are hot-cache
+numbers: between the requests of a real MCP server the same middleware code runs several times slower.
+
+Memory (always): tracemalloc peak and retained bytes for valid-token requests (bare, ours, SDK stack).
+
+End to end (``--e2e``, needs ``wrk`` on PATH): an MCP server with one tool (stateless, JSON responses) under
+uvicorn on loopback, with and without the middleware, loaded by ``wrk`` in alternating rounds: ``tools/call``
+requests per second with and without the middleware, and 401 rejections per second. Both servers get the same
+request bytes; with 2+ cores the servers and wrk are pinned to different cores. Small shared VMs drift by a few
+percent between runs, so read the per-round ratios, not only their median.
+
+Targets are printed as PASS/MISS for information only; the exit code is 0 unless the benchmark itself breaks.
+
+Run from the repository root::
+
+    python benchmarks/bench_mcp_bearer.py            # micro + memory, ~20 s
+    python benchmarks/bench_mcp_bearer.py --quick    # a few seconds: the CI smoke check
+    python benchmarks/bench_mcp_bearer.py --e2e      # adds the uvicorn + wrk run, ~45 s more
+    python benchmarks/bench_mcp_bearer.py --json     # machine-readable results on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Benchmark the checkout this script lives in, even when another mcp_bearer is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mcp_bearer import BearerAuthMiddleware, StaticTokenProvider
+
+try:
+    import uvicorn
+    from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+    from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+    from mcp.server.auth.provider import AccessToken as SdkAccessToken
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+except ImportError as exc:  # pragma: no cover - a clear message instead of a traceback
+    raise SystemExit(f"bench_mcp_bearer: needs mcp, starlette and uvicorn (pip install -e '.[test]'): {exc}") from exc
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+VALID_TOKEN = secrets.token_urlsafe(32)
+INVALID_TOKEN = secrets.token_urlsafe(32)
+SERVER_KEY_ENV = "BENCH_MCP_BEARER_TOKEN"  # passes VALID_TOKEN to the e2e server process
+CLAIMS: dict[str, Any] = {"sub": "bench-user", "scopes": ["mcp"]}
+
+TOOLS_CALL = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "tools/call",
+    "params": {"name": "add", "arguments": {"a": 1, "b": 2}},
+}
+MCP_HEADERS = {
+    "content-type": "application/json",
+    "accept": "application/json, text/event-stream",
+    "mcp-protocol-version": "2025-06-18",
+}
+
+# Informational targets (PASS/MISS never changes the exit code).
+TARGET_VALID_RATIO = 0.15  # ours' valid-token overhead / SDK stack's valid-token overhead
+TARGET_MISSING_VS_BARE = 1.5  # ours' missing-token 401 time / bare time
+TARGET_EXCLUDED_US = 0.1  # |ours on an excluded path - bare|, microseconds
+TARGET_E2E_RATIO = 0.97  # tools/call requests per second with the middleware / without
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+# --- the app and its three guards ---------------------------------------------------------------
+
+
+async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The trivial app: 200, ``ok``."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+class DictTokenVerifier:
+    """An SDK ``TokenVerifier`` equivalent to ``StaticTokenProvider``: SHA-256 digest -> SDK ``AccessToken``."""
+
+    def __init__(self, tokens: Mapping[str, Mapping[str, Any]]) -> None:
+        self._by_digest = {_digest(t): (str(c.get("sub", "")), list(c.get("scopes", []))) for t, c in tokens.items()}
+
+    async def verify_token(self, token: str) -> SdkAccessToken | None:
+        entry = self._by_digest.get(_digest(token))
+        if entry is None:
+            return None
+        client_id, scopes = entry
+        return SdkAccessToken(token=token, client_id=client_id, scopes=list(scopes))
+
+
+class DictBearerHTTPMiddleware(BaseHTTPMiddleware):
+    """The "obvious" Starlette way: a dispatch that looks the header up in a dict, else a JSON 401."""
+
+    def __init__(self, app: ASGIApp, tokens: Mapping[str, Mapping[str, Any]]) -> None:
+        super().__init__(app)
+        self._claims = {_digest(t): dict(c) for t, c in tokens.items()}
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        claims = self._claims.get(_digest(token.strip())) if scheme.lower() == "bearer" else None
+        if claims is None:
+            return JSONResponse(
+                {"error": "invalid_token", "error_description": "Authentication required"},
+                status_code=401,
+                headers={"www-authenticate": 'Bearer error="invalid_token"'},
+            )
+        request.state.access_token = claims
+        return await call_next(request)
+
+
+def ours(app: ASGIApp, token: str = VALID_TOKEN) -> ASGIApp:
+    return BearerAuthMiddleware(app, StaticTokenProvider({token: CLAIMS}))
+
+
+def sdk_stack(app: ASGIApp) -> ASGIApp:
+    required = RequireAuthMiddleware(app, required_scopes=[])
+    backend = BearerAuthBackend(DictTokenVerifier({VALID_TOKEN: CLAIMS}))
+    return AuthenticationMiddleware(AuthContextMiddleware(required), backend=backend)
+
+
+def base_http(app: ASGIApp) -> ASGIApp:
+    return DictBearerHTTPMiddleware(app, {VALID_TOKEN: CLAIMS})
+
+
+# --- the micro benchmark ------------------------------------------------------------------------
+
+
+def make_scope(path: str, token: str | None) -> dict[str, Any]:
+    """A uvicorn-like scope for ``POST path`` with an MCP client's usual headers."""
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"user-agent", b"python-httpx/0.28.1"),
+        (b"accept-encoding", b"gzip, deflate"),
+        (b"connection", b"keep-alive"),
+        *((name.encode(), value.encode()) for name, value in MCP_HEADERS.items()),
+        (b"content-length", b"2"),
+    ]
+    if token is not None:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 54321),
+        "scheme": "http",
+        "method": "POST",
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "state": {},
+    }
+
+
+_REQUEST_MESSAGE: Message = {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+async def _receive() -> Message:
+    return _REQUEST_MESSAGE
+
+
+async def _discard(message: Message) -> None:
+    return None
+
+
+@dataclass
+class Variant:
+    name: str
+    guard: str  # "bare", "ours", "sdk", "basehttp"
+    case: str  # "valid", "missing", "invalid", "excluded"
+    app: ASGIApp
+    template: dict[str, Any]
+    expected_status: int
+    rounds_ns: list[float] = field(default_factory=list)  # per-round mean ns per request
+
+
+def build_variants() -> list[Variant]:
+    valid, missing, invalid = (make_scope("/mcp", token) for token in (VALID_TOKEN, None, INVALID_TOKEN))
+    variants = [Variant("bare", "bare", "valid", hello_app, valid, 200)]
+    guards = (("ours", "ours", ours), ("sdk", "SDK stack", sdk_stack), ("basehttp", "BaseHTTP", base_http))
+    for guard, label, wrap in guards:
+        app = wrap(hello_app)
+        variants.append(Variant(f"{label}: valid token", guard, "valid", app, valid, 200))
+        variants.append(Variant(f"{label}: missing token", guard, "missing", app, missing, 401))
+        variants.append(Variant(f"{label}: invalid token", guard, "invalid", app, invalid, 401))
+        if guard == "ours":
+            variants.append(Variant("ours: excluded path", guard, "excluded", app, make_scope("/health", None), 200))
+    return variants
+
+
+async def check_status(variant: Variant) -> None:
+    """One request with a recording ``send``: refuse to time an unexpected status or a response from elsewhere."""
+    messages: list[Message] = []
+
+    async def record(message: Message) -> None:
+        messages.append(message)
+
+    scope = dict(variant.template, state={})
+    await variant.app(scope, _receive, record)
+    status = next((m["status"] for m in messages if m["type"] == "http.response.start"), None)
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    reached_app = body == b"ok"
+    if status != variant.expected_status or reached_app != (variant.expected_status == 200):
+        raise SystemExit(
+            f"bench_mcp_bearer: {variant.name!r} answered {status} {body[:80]!r}, "
+            f"expected {variant.expected_status}; refusing to time it"
+        )
+
+
+async def timed_batch(app: ASGIApp, template: dict[str, Any], n: int) -> int:
+    """``n`` requests, each on a fresh copy of the scope (as a server builds one per request); elapsed ns."""
+    copy = template.copy
+    receive, send = _receive, _discard
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        scope = copy()
+        scope["state"] = {}
+        await app(scope, receive, send)
+    return time.perf_counter_ns() - start
+
+
+async def run_micro(variants: list[Variant], requests: int, rounds: int, log: Callable[[str], None]) -> None:
+    for variant in variants:
+        await check_status(variant)
+    for variant in variants:  # warm-up round, not recorded
+        await timed_batch(variant.app, variant.template, requests)
+    for index in range(rounds):
+        log(f"micro: round {index + 1}/{rounds}")
+        shift = index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            elapsed = await timed_batch(variant.app, variant.template, requests)
+            variant.rounds_ns.append(elapsed / requests)
+
+
+def summarize_micro(variants: list[Variant]) -> dict[str, dict[str, Any]]:
+    bare = variants[0].rounds_ns
+    results: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        times = variant.rounds_ns
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        results[variant.name] = {
+            "guard": variant.guard,
+            "case": variant.case,
+            "median_us": statistics.median(times) / 1000,
+            "p25_us": quartiles[0] / 1000,
+            "p75_us": quartiles[2] / 1000,
+            # Paired per round, so drift between rounds cancels.
+            "overhead_us": statistics.median(t - b for t, b in zip(times, bare, strict=True)) / 1000,
+            "rounds_us": [round(t / 1000, 4) for t in times],
+        }
+    for result in results.values():
+        sdk = next((r for r in results.values() if r["guard"] == "sdk" and r["case"] == result["case"]), None)
+        if result["guard"] in ("ours", "basehttp") and sdk is not None and sdk["overhead_us"] > 0:
+            result["overhead_vs_sdk"] = result["overhead_us"] / sdk["overhead_us"]
+        else:
+            result["overhead_vs_sdk"] = None
+    return results
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+async def measure_memory(app: ASGIApp, template: dict[str, Any], requests: int) -> dict[str, int]:
+    """tracemalloc over ``requests`` valid-token requests: peak above the start, and what a gc.collect leaves."""
+    await timed_batch(app, template, 1000)  # first-call caches are not per-request memory
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        await timed_batch(app, template, requests)
+        peak = tracemalloc.get_traced_memory()[1] - before
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return {"requests": requests, "peak_bytes": peak, "retained_bytes": retained}
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def mcp_app() -> ASGIApp:
+    """An MCP server with one tool, stateless and answering JSON; mcp 2.x or 1.x."""
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    server: Any
+    try:
+        server = importlib.import_module("mcp.server.mcpserver").MCPServer("bench", log_level="WARNING")
+        server.tool()(add)
+        app: ASGIApp = server.streamable_http_app(stateless_http=True, json_response=True)
+    except ImportError:  # mcp 1.x
+        fastmcp = importlib.import_module("mcp.server.fastmcp")
+        server = fastmcp.FastMCP("bench", stateless_http=True, json_response=True, log_level="WARNING")
+        server.tool()(add)
+        app = server.streamable_http_app()
+    return app
+
+
+def serve(kind: str) -> None:
+    """Child-process entry point: print the port, then serve until terminated."""
+    logging.getLogger("mcp").setLevel(logging.WARNING)
+    app = mcp_app()
+    if kind == "ours":
+        app = ours(app, os.environ[SERVER_KEY_ENV])
+    # proto=IPPROTO_TCP, not socket.create_server's 0: asyncio sets TCP_NODELAY on accepted connections only when
+    # the listener's proto is IPPROTO_TCP; without it every response waits ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    print(sock.getsockname()[1], flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def post_tools_call(port: int, token: str | None) -> tuple[int, bytes]:
+    headers = dict(MCP_HEADERS)
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/mcp", data=json.dumps(TOOLS_CALL).encode(), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def check_tools_call(port: int, token: str | None) -> None:
+    status, body = post_tools_call(port, token)
+    try:
+        result = json.loads(body)["result"]
+        ok = status == 200 and not result.get("isError") and result["content"][0]["text"] == "3"
+    except (ValueError, KeyError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise RuntimeError(f"a stateless tools/call without initialize failed: {status} {body[:200]!r}")
+
+
+WRK_LUA = f"""-- written by bench_mcp_bearer.py: POST one JSON-RPC tools/call per request
+wrk.method = "POST"
+wrk.body = '{json.dumps(TOOLS_CALL)}'
+{chr(10).join(f'wrk.headers["{name}"] = "{value}"' for name, value in MCP_HEADERS.items())}
+"""
+
+
+def run_wrk(wrk: str, lua: str, port: int, token: str | None, seconds: int, connections: int) -> dict[str, Any]:
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", lua]
+    if token is not None:
+        command += ["-H", f"authorization: Bearer {token}"]
+    command.append(f"http://127.0.0.1:{port}/mcp")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    total = re.search(r"(\d+) requests in", done.stdout)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+    errors = re.search(r"Socket errors: (.*)", done.stdout)
+    if done.returncode != 0 or rps is None or total is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return {
+        "rps": float(rps.group(1)),
+        "requests": int(total.group(1)),
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": errors.group(1) if errors else None,
+    }
+
+
+def _pin(pid: int, cpus: set[int] | None) -> None:
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, cpus)
+
+
+def run_e2e(rounds: int, seconds: int, connections: int, log: Callable[[str], None]) -> dict[str, Any]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return {"skipped": "wrk not found on PATH; install it (e.g. apt-get install wrk) to run --e2e"}
+    # With 2+ cores: servers on the last core, wrk (a child of this process) on the others, so they do not fight.
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_cpus, wrk_cpus = ({cpus[-1]}, set(cpus[:-1])) if len(cpus) >= 2 else (None, None)
+    servers: dict[str, subprocess.Popen[str]] = {}
+    ports: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        lua = os.path.join(directory, "wrk_post.lua")
+        with open(lua, "w", encoding="utf-8") as file:
+            file.write(WRK_LUA)
+        try:
+            for kind in ("bare", "ours"):
+                servers[kind] = process = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--serve-e2e", kind],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, SERVER_KEY_ENV: VALID_TOKEN},
+                )
+                _pin(process.pid, server_cpus)
+                line = process.stdout.readline() if process.stdout else ""
+                if not line.strip().isdigit():
+                    raise RuntimeError(f"the {kind} server did not start (printed {line!r})")
+                ports[kind] = int(line)
+            # One request each before any load: tools/call must work statelessly, without initialize.
+            check_tools_call(ports["bare"], VALID_TOKEN)
+            check_tools_call(ports["ours"], VALID_TOKEN)
+            status, _ = post_tools_call(ports["ours"], None)
+            if status != 401:
+                raise RuntimeError(f"the middleware answered {status} to a request without a token, not 401")
+            _pin(0, wrk_cpus)
+            # (label, port, token, expect 2xx); both tools/call runs send the same bytes, token included.
+            targets = [
+                ("tools/call without middleware", ports["bare"], VALID_TOKEN, True),
+                ("tools/call with middleware", ports["ours"], VALID_TOKEN, True),
+                ("401 rejections (no token)", ports["ours"], None, False),
+            ]
+            for _, port, token, _ in targets:  # warm-up
+                run_wrk(wrk, lua, port, token, 1, connections)
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in targets}
+            for index in range(rounds):
+                log(f"e2e: round {index + 1}/{rounds}")
+                order = targets if index % 2 == 0 else targets[::-1]
+                for label, port, token, expect_2xx in order:
+                    run = run_wrk(wrk, lua, port, token, seconds, connections)
+                    if expect_2xx and run["non_2xx"]:
+                        raise RuntimeError(f"{label}: {run['non_2xx']} non-2xx responses under load")
+                    if not expect_2xx and run["non_2xx"] != run["requests"]:
+                        raise RuntimeError(f"{label}: only {run['non_2xx']} of {run['requests']} were refused")
+                    runs[label].append(run)
+        finally:
+            _pin(0, set(cpus))
+            for process in servers.values():
+                process.terminate()
+            for process in servers.values():
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    version = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+    rps_rounds = {label: [r["rps"] for r in rs] for label, rs in runs.items()}
+    ratios = [
+        w / wo
+        for w, wo in zip(
+            rps_rounds["tools/call with middleware"], rps_rounds["tools/call without middleware"], strict=True
+        )
+    ]
+    return {
+        "wrk": version.stdout.split(" [")[0],
+        "rounds": rounds,
+        "seconds": seconds,
+        "connections": connections,
+        "threads": 1,
+        "pinned": f"servers on CPU {sorted(server_cpus)}, wrk on {sorted(wrk_cpus)}"
+        if server_cpus and wrk_cpus
+        else None,
+        "rps": {label: statistics.median(values) for label, values in rps_rounds.items()},
+        "rps_rounds": rps_rounds,
+        "socket_errors": sorted({r["socket_errors"] for rs in runs.values() for r in rs if r["socket_errors"]}),
+        "ratio_rounds": ratios,
+        "ratio_with_without": statistics.median(ratios),  # paired per round, so drift cancels
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            cpu = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    return {
+        "platform": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "packages": {name: version(name) for name in ("mcp", "starlette", "uvicorn")},
+    }
+
+
+def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def target(name: str, value: float | None, limit: float, at_least: bool = False) -> dict[str, Any]:
+        met = value is not None and (value >= limit if at_least else value <= limit)
+        verdict = "SKIP" if value is None else "PASS" if met else "MISS"
+        return {"target": name, "value": value, "limit": limit, "verdict": verdict}
+
+    bare = micro["bare"]["median_us"]
+    e2e_ratio = e2e.get("ratio_with_without") if e2e else None
+    return [
+        target(
+            f"valid-token overhead <= {TARGET_VALID_RATIO} x SDK stack's",
+            micro["ours: valid token"]["overhead_vs_sdk"],
+            TARGET_VALID_RATIO,
+        ),
+        target(
+            f"missing-token 401 <= {TARGET_MISSING_VS_BARE} x bare time",
+            micro["ours: missing token"]["median_us"] / bare,
+            TARGET_MISSING_VS_BARE,
+        ),
+        target(
+            f"excluded path within {TARGET_EXCLUDED_US} us of bare",
+            abs(micro["ours: excluded path"]["overhead_us"]),
+            TARGET_EXCLUDED_US,
+        ),
+        target(f"e2e tools/call with/without >= {TARGET_E2E_RATIO}", e2e_ratio, TARGET_E2E_RATIO, at_least=True),
+    ]
+
+
+def print_report(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(f"machine: {m['platform']}; {m['python']}; CPU {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable)")
+    print("packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()))
+    print(f"command: {results['command']}")
+    p = results["params"]
+    print(f"\nper request, direct ASGI calls: {p['rounds']} rounds x {p['requests']} requests per variant")
+    print(f"{'variant':<26} {'median us':>10} {'p25-p75 us':>14} {'overhead us':>12} {'/ SDK overhead':>15}")
+    for name, r in results["micro"].items():
+        spread = f"{r['p25_us']:.3f}-{r['p75_us']:.3f}"
+        ratio = "" if r["overhead_vs_sdk"] is None else f"{r['overhead_vs_sdk']:.3f}"
+        overhead = "" if name == "bare" else f"{r['overhead_us']:+.3f}"
+        print(f"{name:<26} {r['median_us']:>10.3f} {spread:>14} {overhead:>12} {ratio:>15}")
+
+    print("\nmemory, valid-token requests (tracemalloc; peak includes CPython's bounded free lists)")
+    print(f"{'variant':<26} {'requests':>10} {'peak bytes':>12} {'retained bytes':>15}")
+    for name, r in results["memory"].items():
+        print(f"{name:<26} {r['requests']:>10} {r['peak_bytes']:>12} {r['retained_bytes']:>15}")
+
+    e2e = results["e2e"]
+    if e2e is None:
+        print("\ne2e: not run (add --e2e)")
+    elif "skipped" in e2e:
+        print(f"\ne2e: skipped: {e2e['skipped']}")
+    else:
+        print(
+            f"\ne2e: uvicorn + MCP stateless JSON on loopback, {e2e['wrk']}, -t{e2e['threads']} "
+            f"-c{e2e['connections']}, {e2e['rounds']} alternating rounds x {e2e['seconds']} s"
+        )
+        for label, rps in e2e["rps"].items():
+            rounds = ", ".join(f"{x:.0f}" for x in e2e["rps_rounds"][label])
+            print(f"{label:<32} {rps:>9.0f} req/s  (rounds: {rounds})")
+        spread = ", ".join(f"{x:.3f}" for x in e2e["ratio_rounds"])
+        print(f"{'ratio with/without':<32} {e2e['ratio_with_without']:>9.3f}        (rounds: {spread})")
+        if e2e["pinned"]:
+            print(f"pinned: {e2e['pinned']}")
+        if e2e["socket_errors"]:
+            print(f"wrk socket errors: {'; '.join(e2e['socket_errors'])}")
+
+    print("\ntargets (informational; exit code 0 either way)")
+    for t in results["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"  {t['verdict']:<4}  {t['target']}: {value}")
+    print(f"\ntook {results['seconds']:.1f} s (after imports)")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+async def run_in_process(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict[str, Any], ...]:
+    variants = build_variants()
+    gc.collect()
+    gc.freeze()  # set-up objects out of the collector's way: collections then cost the same in every variant
+    await run_micro(variants, args.requests, args.rounds, log)
+    micro = summarize_micro(variants)
+    log("memory")
+    by_name = {v.name: v for v in variants}
+    memory = {}
+    for name in ("bare", "ours: valid token", "SDK stack: valid token"):
+        memory[name] = await measure_memory(by_name[name].app, by_name[name].template, args.memory_requests)
+    return micro, memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds: fewer rounds and requests (CI smoke)")
+    parser.add_argument("--e2e", action="store_true", help="also run uvicorn + wrk end to end (needs wrk on PATH)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
+    parser.add_argument("--rounds", type=int, help="micro rounds (default 25, quick 5)")
+    parser.add_argument("--requests", type=int, help="requests per variant per round (default 1000, quick 200)")
+    parser.add_argument("--memory-requests", type=int, help="requests per memory run (default 100000, quick 5000)")
+    parser.add_argument("--e2e-rounds", type=int, help="e2e rounds (default 6, quick 2)")
+    parser.add_argument("--e2e-seconds", type=int, help="whole seconds per wrk run (default 2, quick 1)")
+    parser.add_argument("--e2e-connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--serve-e2e", choices=("bare", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_e2e:
+        serve(args.serve_e2e)
+        return
+    defaults: dict[str, tuple[int, int]] = {"rounds": (25, 5), "requests": (1000, 200)}
+    defaults |= {"memory_requests": (100_000, 5000), "e2e_rounds": (6, 2), "e2e_seconds": (2, 1)}
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+
+    def log(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    micro, memory = asyncio.run(run_in_process(args, log))
+    e2e = run_e2e(args.e2e_rounds, args.e2e_seconds, args.e2e_connections, log) if args.e2e else None
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "command": f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *sys.argv])}",
+        "params": {
+            "rounds": args.rounds,
+            "requests": args.requests,
+            "memory_requests": args.memory_requests,
+            "quick": args.quick,
+        },
+        "micro": micro,
+        "memory": memory,
+        "e2e": e2e,
+    }
+    results["targets"] = evaluate_targets(micro, e2e)
+    results["seconds"] = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_report(results)
+
+
+if __name__ == "__main__":
+    main()
