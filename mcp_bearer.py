@@ -415,20 +415,16 @@ class BearerAuthMiddleware:
 
         try:
             access = await self._verify(token)
-            if access is not None and not isinstance(access, AccessToken):
-                logger.error(_LOG_PROVIDER_WRONG_TYPE, type(access).__name__)
-                return await self._respond(scope, send, self._server_error)
-            if access is None or (access.expires_at is not None and access.expires_at <= time.time()):
-                return await self._respond(scope, send, self._invalid_token)
-            granted = access.scopes
-            if self._required_scopes and (isinstance(granted, str) or not self._required_scopes.issubset(granted)):
-                return await self._respond(scope, send, self._insufficient_scope)
+            refusal = self._judge(access)
         except Exception as exc:
             # Fail closed, and say so honestly: a provider crash is not a bad key.
             # The traceback is logged with the token cut out, in case the provider put it in a message.
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             logger.error(_LOG_PROVIDER_RAISED, text.replace(token, "[token]"))
-            return await self._respond(scope, send, self._server_error)
+            refusal = self._server_error
+        if refusal is not None:  # sent outside the try: a failing send is the server's error, not the provider's
+            return await self._respond(scope, send, refusal)
+        assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
 
         if self._sessions is not None and kind == "http":
             if session_id is not None:
@@ -448,6 +444,21 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
         finally:
             _current_token.reset(reset)
+
+    def _judge(self, access: object) -> _Response | None:
+        """The refusal a provider's answer earns, or None for a token that may pass."""
+        if access is None:
+            return self._invalid_token
+        if not isinstance(access, AccessToken):
+            logger.error(_LOG_PROVIDER_WRONG_TYPE, type(access).__name__)
+            return self._server_error
+        # "not >" rather than "<=": an expires_at of NaN (json accepts it) counts as expired.
+        if access.expires_at is not None and not access.expires_at > time.time():
+            return self._invalid_token
+        granted = access.scopes
+        if self._required_scopes and (isinstance(granted, str) or not self._required_scopes.issubset(granted)):
+            return self._insufficient_scope
+        return None
 
     def _refusal_for(self, authorization: bytes) -> _Response:
         """Why a header that is not ``Bearer <token68>`` is refused: no bearer credentials, or malformed ones."""
