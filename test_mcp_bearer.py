@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -27,12 +28,15 @@ from unittest import mock
 import anyio
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 import mcp_bearer
 from mcp_bearer import (
     DEFAULT_EXCLUDED_PATHS,
+    DEFAULT_MAX_TOKEN_LENGTH,
     AccessToken,
     AuthenticationError,
     BearerAuthMiddleware,
@@ -65,6 +69,12 @@ TOKENS: dict[str, dict[str, Any]] = {
     BOB: {"sub": "bob", "email": "bob@example.com", "scopes": ["read", "write"]},
     CAROL_NO_SUB: {"email": "carol@example.com"},
 }
+# Property tests: 2,000 examples each in CI; HYPOTHESIS_PROFILE=long runs 50,000 by hand. (The plugin's
+# --hypothesis-profile option would need the profile registered in a conftest.py; we keep one test file.)
+settings.register_profile("ci", max_examples=2_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=50_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # Every secret the suite uses; no log record may ever contain one (see capture_all_logs).
 SECRETS: set[str] = set(TOKENS)
 
@@ -809,8 +819,8 @@ class FixedProvider(BearerAuthProvider):
 
 @pytest.mark.parametrize(
     ("expires_at", "status"),
-    [(None, 200), (time.time() + 60, 200), (time.time() - 1, 401), (0, 401)],
-    ids=["never", "future", "past", "epoch"],
+    [(None, 200), (time.time() + 60, 200), (time.time() - 1, 401), (0, 401), (float("nan"), 401)],
+    ids=["never", "future", "past", "epoch", "nan"],
 )
 def test_expired_token_is_refused_even_when_the_provider_returned_it(expires_at: float | None, status: int) -> None:
     outcome = Harness(FixedProvider(expires_at=expires_at)).request(bearer(BOB))
@@ -1451,6 +1461,480 @@ def test_cli_help_explains() -> None:
     for option in ("--tokens-file", "--exclude", "--required-scope", "--resource", "--authorization-server"):
         assert option in result.stdout
     assert "MCP_BEARER_TOKENS" in result.stdout
+
+
+# --- hostile requests: the adversarial table and property-based fuzzing (issue 4) ---------
+
+# --- helpers for the adversarial table ------------------------------------------
+
+Headers = list[tuple[bytes, bytes]]
+Response = tuple[int | str, Any]  # (status, body) or, for non-HTTP answers, (event, detail)
+
+BOB_B = BOB.encode()
+MEGABYTE = 1 << 20
+MAX_TOKEN = "sk-max-" + "A" * (DEFAULT_MAX_TOKEN_LENGTH - 7)  # a real key of exactly max_token_length
+TABLE_TOKENS: dict[str, dict[str, Any]] = {**TOKENS, MAX_TOKEN: {"sub": "max"}}
+WS_HTTP_RESPONSE = {"extensions": {"websocket.http.response": {}}}
+
+APP: Response = (200, "app")  # what Harness's app answers
+RAISES: Response = ("raises", RuntimeError)
+# (response, tokens the provider was asked about, app called)
+PUBLIC = (APP, [], True)
+NO_CREDENTIALS = ((401, UNAUTHORIZED), [], False)
+MALFORMED_400 = ((400, MALFORMED), [], False)
+TOO_LONG = ((401, INVALID_TOKEN), [], False)
+
+
+def verified(token: str = BOB) -> tuple[Response, list[str], bool]:
+    return APP, [token], True
+
+
+def rejected(token: str) -> tuple[Response, list[str], bool]:
+    return (401, INVALID_TOKEN), [token], False
+
+
+def auth(value: bytes) -> Headers:
+    return [(b"authorization", value)]
+
+
+def case(case_id: str, headers: Headers, expect: tuple[Response, list[str], bool], **request: Any) -> Any:
+    return pytest.param(headers, request, *expect, id=case_id)
+
+
+def observe(outcome: Outcome) -> Response:
+    """Reduce any answer to (status, body), so one table covers http, websocket and lifespan."""
+    if not outcome.messages:
+        return ("silent", None)  # lifespan: the app was called and answered nothing
+    first = outcome.messages[0]
+    if first["type"] == "websocket.close":
+        return ("close", first["code"])
+    if first["type"] == "websocket.accept":
+        return ("accept", None)
+    if first["type"] == "http.response.start":
+        assert_well_formed_http(outcome.messages)
+    return first["status"], "app" if outcome.body == b"app" else outcome.json()
+
+
+# --- 1. the adversarial table -------------------------------------------------
+
+ADVERSARIAL = [
+    case("baseline-valid", bearer(BOB), verified()),
+    # Duplicates: two credentials and a proxy or app that picks another one than we did.
+    case("dup-valid-then-invalid", bearer(BOB) + bearer("sk-nobody"), MALFORMED_400),
+    case("dup-invalid-then-valid", bearer("sk-nobody") + bearer(BOB), MALFORMED_400),
+    case("dup-valid-twice", bearer(BOB) + bearer(BOB), MALFORMED_400),
+    case("dup-two-users", bearer(ALICE_1) + bearer(BOB), MALFORMED_400),
+    case("dup-valid-then-empty", bearer(BOB) + auth(b""), MALFORMED_400),
+    case("dup-basic-then-valid", auth(b"Basic eDp5") + bearer(BOB), MALFORMED_400),
+    case(
+        "dup-odd-case-names", [(b"AUTHORIZATION", b"Bearer x"), (b"aUtHoRiZaTiOn", b"Bearer " + BOB_B)], MALFORMED_400
+    ),
+    case("dup-far-apart", bearer(BOB) + [(b"x-a", b"1")] * 50 + [(b"Authorization", b"Bearer x")], MALFORMED_400),
+    # Comma-joined (RFC 9110 5.3 list folding by a proxy): one header, token with ", " in it.
+    case("comma-valid-invalid", auth(b"Bearer " + BOB_B + b", Bearer sk-nobody"), MALFORMED_400),
+    case("comma-invalid-valid", auth(b"Bearer sk-nobody, Bearer " + BOB_B), MALFORMED_400),
+    case("comma-valid-valid-no-space", auth(b"Bearer " + BOB_B + b",Bearer " + BOB_B), MALFORMED_400),
+    case("comma-basic-then-bearer", auth(b"Basic eDp5, Bearer " + BOB_B), NO_CREDENTIALS),
+    # Header names: case-insensitive (RFC 9110 5.1), but look-alike names are other headers.
+    case("name-title-case", [(b"Authorization", b"Bearer " + BOB_B)], verified()),
+    case("name-upper-case", [(b"AUTHORIZATION", b"Bearer " + BOB_B)], verified()),
+    case("name-mixed-case", [(b"aUtHoRiZaTiOn", b"Bearer " + BOB_B)], verified()),
+    case("name-trailing-space", [(b"authorization ", b"Bearer " + BOB_B)], NO_CREDENTIALS),
+    case("name-trailing-nul", [(b"authorization\x00", b"Bearer " + BOB_B)], NO_CREDENTIALS),
+    case("name-british", [(b"authorisation", b"Bearer " + BOB_B)], NO_CREDENTIALS),
+    case("name-x-prefixed", [(b"x-authorization", b"Bearer " + BOB_B)], NO_CREDENTIALS),
+    # Scheme and separator (RFC 9110 11.1 scheme case-insensitive, 1*SP; RFC 6750 2.1).
+    case("bearer-alone", auth(b"Bearer"), NO_CREDENTIALS),
+    case("bearer-space", auth(b"Bearer "), NO_CREDENTIALS),
+    case("bearer-two-spaces-valid", auth(b"Bearer  " + BOB_B), verified()),
+    case("bearer-tab-valid", auth(b"Bearer\t" + BOB_B), MALFORMED_400),
+    case("bearer-space-tab-valid", auth(b"Bearer \t" + BOB_B), MALFORMED_400),
+    case("bearer-vtab-valid", auth(b"Bearer\x0b" + BOB_B), MALFORMED_400),
+    case("bearer-nbsp-valid", auth(b"Bearer\xa0" + BOB_B), MALFORMED_400),
+    case("bearer-colon-valid", auth(b"Bearer:" + BOB_B), MALFORMED_400),
+    case("bearer-slash-valid", auth(b"Bearer/" + BOB_B), MALFORMED_400),  # "/" ends the scheme yet is token68
+    case("bearer-quote-valid", auth(b'Bearer"' + BOB_B + b'"'), MALFORMED_400),
+    case("bearerx", auth(b"Bearerx"), NO_CREDENTIALS),
+    case("bearer-glued-valid", auth(b"Bearer" + BOB_B), NO_CREDENTIALS),  # "Bearersk-bob..." is one scheme
+    case("bearer-dot-valid", auth(b"Bearer." + BOB_B), NO_CREDENTIALS),  # "." is a tchar: still one scheme
+    case("mixed-case-scheme-valid", auth(b"BeArEr " + BOB_B), verified()),
+    case("basic-valid", auth(b"Basic " + BOB_B), NO_CREDENTIALS),
+    case("token-scheme-valid", auth(b"Token " + BOB_B), NO_CREDENTIALS),
+    case("bearer-bearer-valid", auth(b"Bearer Bearer " + BOB_B), MALFORMED_400),
+    case("valid-then-word", auth(b"Bearer " + BOB_B + b" y"), MALFORMED_400),
+    case("valid-quoted", auth(b'Bearer "' + BOB_B + b'"'), MALFORMED_400),
+    case("valid-trailing-comma", auth(b"Bearer " + BOB_B + b","), MALFORMED_400),
+    case("valid-padding-is-another-token", auth(b"Bearer " + BOB_B + b"="), rejected(BOB + "=")),
+    case("leading-padding", auth(b"Bearer =" + BOB_B), MALFORMED_400),
+    case("ows-around-valid", auth(b" \t Bearer " + BOB_B + b"\t "), verified()),
+    # Control and non-ASCII bytes: never let them near a provider, a log or a SQL query.
+    case("nul-after-valid", auth(b"Bearer " + BOB_B + b"\x00"), MALFORMED_400),
+    case("nul-inside-valid", auth(b"Bearer sk-bob\x00" + BOB_B[6:]), MALFORMED_400),
+    case("nul-before-scheme", auth(b"\x00Bearer " + BOB_B), NO_CREDENTIALS),
+    case("cr-after-valid", auth(b"Bearer " + BOB_B + b"\r"), MALFORMED_400),
+    case("lf-after-valid", auth(b"Bearer " + BOB_B + b"\n"), MALFORMED_400),
+    case("crlf-injection", auth(b"Bearer " + BOB_B + b"\r\nX-Admin: 1"), MALFORMED_400),
+    case("del-after-valid", auth(b"Bearer " + BOB_B + b"\x7f"), MALFORMED_400),
+    case("latin1-after-valid", auth(b"Bearer " + BOB_B + b"\xe9"), MALFORMED_400),
+    case("latin1-only", auth(b"Bearer \xff\xfe"), MALFORMED_400),
+    case("latin1-in-scheme", auth(b"B\xe9arer " + BOB_B), NO_CREDENTIALS),
+    # Length: exactly max_token_length is verified; one byte more never reaches the provider.
+    case("exactly-max-length", bearer(MAX_TOKEN), verified(MAX_TOKEN)),
+    case("max-length-plus-one", bearer(MAX_TOKEN + "A"), TOO_LONG),
+    case("megabyte-token", auth(b"Bearer " + b"A" * MEGABYTE), TOO_LONG),
+    case("megabyte-spaces-then-valid", auth(b"Bearer" + b" " * MEGABYTE + BOB_B), verified()),  # 1*SP
+    case("valid-then-megabyte-spaces", auth(b"Bearer " + BOB_B + b" " * MEGABYTE), verified()),
+    case("megabyte-other-header-valid", [(b"x-junk", b"j" * MEGABYTE), *bearer(BOB)], verified()),
+    case("megabyte-spaces-only", auth(b"Bearer" + b" " * MEGABYTE), NO_CREDENTIALS),
+    # Only RFC 6750 2.1 (the Authorization header) is accepted: no 2.2 body, 2.3 query, cookies, proxies.
+    case("proxy-authorization-only", [(b"proxy-authorization", b"Bearer " + BOB_B)], NO_CREDENTIALS),
+    case("query-only", [], NO_CREDENTIALS, query_string=b"access_token=" + BOB_B),
+    case("cookie-only", [(b"cookie", b"access_token=" + BOB_B)], NO_CREDENTIALS),
+    case(
+        "proxy-valid-header-unknown", [(b"proxy-authorization", b"Bearer " + BOB_B), *bearer("sk-x")], rejected("sk-x")
+    ),
+    # Excluded paths match exactly; a look-alike must not become a public route to the app.
+    case("health-public", [], PUBLIC, path="/health", method="GET"),
+    case("health-ignores-even-bad-auth", bearer(BOB) + bearer("x"), PUBLIC, path="/health", method="GET"),
+    case("health-trailing-slash", bearer("x") + bearer("y"), MALFORMED_400, path="/health/"),
+    case("healthz", [], NO_CREDENTIALS, path="/healthz"),
+    case("health-upper", [], NO_CREDENTIALS, path="/HEALTH"),
+    case("health-double-slash", [], NO_CREDENTIALS, path="//health"),
+    case("health-dotdot", [], NO_CREDENTIALS, path="/health/../mcp"),
+    case("health-2f-encoded-path", [], NO_CREDENTIALS, path="/health%2F..%2Fmcp"),
+    case("health-2f-decoded-path", [], NO_CREDENTIALS, path="/health/../mcp", raw_path=b"/health%2F..%2Fmcp"),
+    case("raw-path-says-health", [], NO_CREDENTIALS, path="/mcp", raw_path=b"/health"),
+    case("health-semicolon", [], NO_CREDENTIALS, path="/health;x"),
+    case("health-question-mark", [], NO_CREDENTIALS, path="/health?x"),
+    case("health-nul", [], NO_CREDENTIALS, path="/health\x00"),
+    case("health-leading-space", [], NO_CREDENTIALS, path=" /health"),
+    case("empty-path", [], NO_CREDENTIALS, path=""),
+    case("empty-path-valid", bearer(BOB), verified(), path=""),
+    # root_path (ASGI: path includes it) is stripped only when path starts with it.
+    case("root-match-public", [], PUBLIC, path="/api/health", root_path="/api"),
+    case("root-match-protected", bearer(BOB), verified(), path="/api/mcp", root_path="/api"),
+    case("root-no-slash-boundary", [], NO_CREDENTIALS, path="/apihealth", root_path="/api"),
+    case("root-double-slash", [], NO_CREDENTIALS, path="/api//health", root_path="/api"),
+    case("root-trailing-slash", [], NO_CREDENTIALS, path="/api/health", root_path="/api/"),
+    case("root-case-differs", [], NO_CREDENTIALS, path="/API/health", root_path="/api"),
+    case("root-other-prefix", [], NO_CREDENTIALS, path="/api/health", root_path="/other"),
+    case("root-stripped-once", [], NO_CREDENTIALS, path="/api/api/health", root_path="/api"),
+    case("root-is-the-excluded-path", [], NO_CREDENTIALS, path="/health", root_path="/health"),
+    # HEAD and OPTIONS: only a real CORS preflight (Fetch: Origin + Access-Control-Request-Method) is free.
+    case("head-no-token", [], NO_CREDENTIALS, method="HEAD"),
+    case("head-valid", bearer(BOB), verified(), method="HEAD"),
+    case("options-bare", [], NO_CREDENTIALS, method="OPTIONS"),
+    case("options-origin-only", PREFLIGHT[:1], NO_CREDENTIALS, method="OPTIONS"),
+    case("options-acrm-only", PREFLIGHT[1:], NO_CREDENTIALS, method="OPTIONS"),
+    case("options-preflight", PREFLIGHT, PUBLIC, method="OPTIONS"),
+    case(
+        "options-preflight-odd-case",
+        [(b"ORIGIN", b"x"), (b"Access-Control-Request-Method", b"GET")],
+        PUBLIC,
+        method="OPTIONS",
+    ),
+    case("options-lowercase-method", PREFLIGHT, NO_CREDENTIALS, method="options"),
+    case("post-with-preflight-headers", PREFLIGHT, NO_CREDENTIALS, method="POST"),
+    case("get-with-preflight-headers-bad-auth", PREFLIGHT + bearer("x") + bearer("y"), MALFORMED_400, method="GET"),
+    # Session binding: a session id is never a credential, and an unknown one is 404.
+    case("session-no-token", [(b"mcp-session-id", b"s1")], NO_CREDENTIALS),
+    case("session-unknown-valid", [(b"mcp-session-id", b"s1"), *bearer(BOB)], ((404, SESSION_NOT_FOUND), [BOB], False)),
+    # Websocket handshakes are guarded like HTTP.
+    case("ws-no-token-http-response", [], NO_CREDENTIALS, scope_type="websocket", **WS_HTTP_RESPONSE),
+    case("ws-dup-http-response", bearer(BOB) + bearer(BOB), MALFORMED_400, scope_type="websocket", **WS_HTTP_RESPONSE),
+    case("ws-no-token-close", [], (("close", 1008), [], False), scope_type="websocket"),
+    case("ws-too-long-close", bearer(MAX_TOKEN + "A"), (("close", 1008), [], False), scope_type="websocket"),
+    case("ws-tab-close", auth(b"Bearer\t" + BOB_B), (("close", 1008), [], False), scope_type="websocket"),
+    case("ws-valid", bearer(BOB), (("accept", None), [BOB], True), scope_type="websocket"),
+    # Unknown scope types are refused before anything else runs, whatever credentials they carry.
+    case("type-webtransport-valid", bearer(BOB), (RAISES, [], False), scope_type="webtransport"),
+    case("type-upper-http-valid", bearer(BOB), (RAISES, [], False), scope_type="HTTP"),
+    case("type-empty-valid", bearer(BOB), (RAISES, [], False), scope_type=""),
+    case("type-excluded-path", [], (RAISES, [], False), scope_type="https", path="/health"),
+    case("type-lifespan-passes", [], (("silent", None), [], True), scope_type="lifespan"),
+]
+
+
+@pytest.mark.parametrize(("headers", "request_kw", "expected", "provider_sees", "app_called"), ADVERSARIAL)
+def test_adversarial_request(
+    headers: Headers, request_kw: dict[str, Any], expected: Response, provider_sees: list[str], app_called: bool
+) -> None:
+    harness = Harness(RecordingProvider(TABLE_TOKENS))
+    if expected == RAISES:
+        with pytest.raises(RuntimeError, match="refusing ASGI scope type"):
+            harness.request(headers, **request_kw)
+    else:
+        outcome = harness.request(headers, **request_kw)
+        assert observe(outcome) == expected
+        # RFC 6750 3: every 400/401 carries a Bearer challenge; nothing else does.
+        challenge = (outcome.messages and outcome.header("www-authenticate")) or ""
+        assert challenge.startswith("Bearer") is (expected[0] in (400, 401))
+    assert harness.provider.calls == provider_sees  # type: ignore[attr-defined]
+    assert bool(harness.app_calls) is app_called
+    if app_called:  # the app sees exactly the verified identity, or none on public routes
+        ((_, seen),) = harness.app_calls
+        assert (seen.token if seen else None) == (provider_sees[0] if provider_sees else None)
+
+
+# --- 2. property-based fuzzing against an independent oracle -----------------
+
+# Restated from RFC 9110 5.6.2 and RFC 6750 2.1, deliberately not imported from mcp_bearer.
+ORACLE_TCHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+ORACLE_B64CHARS = frozenset("-._~+/" + string.ascii_letters + string.digits)
+# Around the real keys' lengths (27 and 31), so "exactly max" and "one more" both happen often.
+FUZZ_MAX_LENGTHS = (DEFAULT_MAX_TOKEN_LENGTH, DEFAULT_MAX_TOKEN_LENGTH, len(BOB), len(BOB) - 1, len(ALICE_1), 4)
+
+
+def oracle(
+    headers: Headers, path: str, method: str, root_path: str, max_length: int
+) -> tuple[list[Response], str | None]:
+    """What the spec says must happen: the acceptable (status, body) answers and the token the provider sees."""
+    relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
+    if relative in DEFAULT_EXCLUDED_PATHS:
+        return [APP], None
+    names = [name.lower() for name, _ in headers]
+    if method == "OPTIONS" and b"origin" in names and b"access-control-request-method" in names:
+        return [APP], None
+    values = [value for name, value in headers if name.lower() == b"authorization"]
+    if not values:
+        return [(401, UNAUTHORIZED)], None
+    if len(values) > 1:
+        return [(400, MALFORMED)], None
+    text = values[0].decode("latin-1").strip(" \t")
+    scheme_end = next((i for i, c in enumerate(text) if c not in ORACLE_TCHARS), len(text))
+    scheme, rest = text[:scheme_end], text[scheme_end:]
+    if scheme.lower() != "bearer" or not rest:
+        return [(401, UNAUTHORIZED)], None
+    if not rest.startswith(" "):
+        return [(400, MALFORMED)], None
+    token = rest.lstrip(" ")
+    unpadded = token.rstrip("=")
+    well_formed = bool(unpadded) and all(c in ORACLE_B64CHARS for c in unpadded)
+    if len(token) > max_length:
+        # The spec does not order "too long" and "malformed"; both refuse without asking the provider.
+        return [(401, INVALID_TOKEN)] if well_formed else [(401, INVALID_TOKEN), (400, MALFORMED)], None
+    if not well_formed:
+        return [(400, MALFORMED)], None
+    if token not in TOKENS:
+        return [(401, INVALID_TOKEN)], token
+    if b"mcp-session-id" in names:  # no session was ever created through this middleware
+        return [(404, SESSION_NOT_FOUND)], token
+    return [APP], token
+
+
+def any_case(word: bytes) -> st.SearchStrategy[bytes]:
+    return st.lists(st.booleans(), min_size=len(word), max_size=len(word)).map(
+        lambda upper: bytes(c ^ 0x20 if u and chr(c).isalpha() else c for c, u in zip(word, upper, strict=True))
+    )
+
+
+VALID_TOKENS = [t.encode() for t in TOKENS]
+# Repeats in sampled_from weight the draw towards near-valid headers, so the app is reached often.
+JUNK = st.one_of(
+    st.sampled_from([b""] * 6 + [b" ", b"  ", b"\t", b"=", b",", b" x", b'"', b"\x00", b"\r\n", b"\x7f", b"\xff"]),
+    st.binary(max_size=3),
+)
+SCHEME = st.one_of(
+    st.sampled_from([b"Bearer"] * 4 + [b"Basic", b"Bearerx", b"Bearer!", b"Bear", b"Token", b""]),
+    any_case(b"bearer"),
+)
+SEPARATOR = st.sampled_from([b" "] * 8 + [b"  ", b"", b"\t", b" \t", b",", b"\x00", b":", b"/", b"=", b"\xa0"])
+TOKEN = st.one_of(
+    st.sampled_from(VALID_TOKENS),
+    st.sampled_from(VALID_TOKENS),
+    st.sampled_from(VALID_TOKENS),
+    st.just(b""),
+    st.tuples(JUNK, st.sampled_from(VALID_TOKENS), JUNK).map(b"".join),  # a real key with a hostile twist
+    st.from_regex(r"[A-Za-z0-9\-._~+/]{1,40}={0,2}", fullmatch=True).map(str.encode),
+    st.binary(max_size=20),
+)
+OWS = st.sampled_from([b""] * 4 + [b" ", b"\t", b" \t ", b"\x00", b"\x0b"])
+SUFFIX = st.one_of(st.just(b""), st.just(b""), JUNK)
+STRUCTURED = st.tuples(OWS, SCHEME, SEPARATOR, TOKEN, SUFFIX).map(b"".join)
+AUTH_VALUE = st.one_of(
+    STRUCTURED,
+    STRUCTURED,
+    STRUCTURED,
+    st.binary(max_size=40),
+)
+OTHER_NAME = st.one_of(
+    st.sampled_from(
+        [
+            *(b"proxy-authorization", b"cookie", b"origin", b"access-control-request-method", b"mcp-session-id"),
+            *(b"authorization ", b"x-authorization", b"authorisation", b"authorizatio", b"content-type"),
+        ]
+    ).flatmap(any_case),
+    st.binary(max_size=16),
+)
+OTHER_HEADERS = st.lists(st.tuples(OTHER_NAME, st.one_of(AUTH_VALUE, st.just(b"x"))), max_size=2)
+HEADERS = st.tuples(
+    OTHER_HEADERS,
+    st.one_of(  # mostly exactly one Authorization header, else none or two
+        st.tuples(any_case(b"authorization"), AUTH_VALUE).map(lambda header: [header]),
+        st.tuples(any_case(b"authorization"), AUTH_VALUE).map(lambda header: [header]),
+        st.lists(st.tuples(any_case(b"authorization"), AUTH_VALUE), max_size=2),
+    ),
+    OTHER_HEADERS,
+).map(lambda parts: [header for part in parts for header in part])
+PATH = st.one_of(
+    st.sampled_from(
+        ["/mcp"] * 6
+        + [*DEFAULT_EXCLUDED_PATHS, "/health/", "/healthz", "/HEALTH", "//health", "/health/../mcp", ""]
+        + ["/", "/health;x", "/health?x", "/health%2F..%2Fmcp", "/docs/", "/api/health"]
+    ),
+    st.text(max_size=12),
+)
+ROOT_PATH = st.sampled_from(["", "", "", "/api", "/api/", "/health", "/"])
+METHOD = st.sampled_from(["POST", "POST", "GET", "GET", "HEAD", "OPTIONS", "OPTIONS", "DELETE", "PUT", "options"])
+
+
+@given(
+    headers=HEADERS,
+    path=PATH,
+    root_path=ROOT_PATH,
+    mounted=st.booleans(),
+    method=METHOD,
+    max_length=st.sampled_from(FUZZ_MAX_LENGTHS),
+)
+def test_fuzzed_requests_match_the_oracle(
+    headers: Headers, path: str, root_path: str, mounted: bool, method: str, max_length: int
+) -> None:
+    if mounted:  # ASGI: path includes root_path; old-style servers send it without
+        path = root_path + path
+    harness = Harness(max_token_length=max_length)
+    allowed, asked = oracle(headers, path, method, root_path, max_length)
+    outcome = harness.request(headers, path=path, method=method, root_path=root_path)  # never raises
+    assert_well_formed_http(outcome.messages)
+    observed = observe(outcome)
+    event(f"status {observed[0]}" + (" (verified)" if asked and observed == APP else ""))
+    assert observed[0] < 500  # the provider never fails here
+    assert observed in allowed, (observed, allowed)
+    # Only a verified token for exactly the bytes after "Bearer " (or a public request) reaches the app.
+    assert outcome.provider_calls == ([asked] if asked is not None else [])
+    assert bool(outcome.app_calls) is (observed == APP)
+    if outcome.app_calls:
+        ((_, seen),) = outcome.app_calls
+        assert (seen.token if seen else None) == asked
+
+
+@dataclass
+class LookAlike:
+    """Has every attribute of an AccessToken, but is not one (a provider returning its own class)."""
+
+    token: str
+    claims: dict[str, Any]
+    scopes: list[str]
+    expires_at: float | None
+
+
+class ScriptedProvider(BearerAuthProvider):
+    """A provider that does one drawn thing: raise, return junk, None, or an (expired) AccessToken."""
+
+    def __init__(self, behaviour: Any) -> None:
+        self.behaviour = behaviour
+        self.calls: list[str] = []
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        self.calls.append(token)
+        if isinstance(self.behaviour, type):  # an exception class; the message names the token, as careless code does
+            raise self.behaviour(f"lookup failed for {token}")
+        if callable(self.behaviour):
+            return self.behaviour()  # type: ignore[no-any-return]
+        return self.behaviour  # type: ignore[no-any-return]
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def mcp_bearer_log() -> Iterator[list[logging.LogRecord]]:
+    handler = ListHandler()
+    logger = logging.getLogger("mcp_bearer")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+
+
+EXCEPTIONS = st.sampled_from([RuntimeError, ValueError, KeyError, TimeoutError, OSError, ZeroDivisionError, Exception])
+# Includes a duck-typed look-alike: only a real AccessToken may reach the app.
+WRONG_TYPES = st.sampled_from(
+    [{"sub": "bob"}, "sk-bob", b"", True, False, 0, 1.5, [], (), object(), LookAlike("t", {"sub": "x"}, [], None)]
+)
+LATER = st.floats(min_value=60, max_value=1e9)  # far enough ahead that the clock cannot catch up mid-test
+# Callables run at verify time, so "expired" and "valid" are relative to when the middleware checks.
+EXPIRED_ANSWER = LATER.map(lambda delta: lambda: AccessToken("t", {"sub": "x"}, [], time.time() - delta))
+VALID = st.one_of(
+    st.just(lambda: AccessToken("t", {"sub": "x"}, [])),
+    LATER.map(lambda delta: lambda: AccessToken("t", {"sub": "x"}, [], time.time() + delta)),
+)
+
+
+@given(
+    kind=st.sampled_from(["raises", "wrong-type", "none", "expired", "valid"]),
+    data=st.data(),
+    token=st.one_of(st.sampled_from(list(TOKENS)), st.from_regex(r"sk-[A-Za-z0-9]{16,24}", fullmatch=True)),
+    method=st.sampled_from(["GET", "POST", "DELETE", "HEAD"]),
+)
+def test_provider_failures_are_500_and_fail_closed(kind: str, data: st.DataObject, token: str, method: str) -> None:
+    behaviour = data.draw(
+        {"raises": EXCEPTIONS, "wrong-type": WRONG_TYPES, "none": st.none(), "expired": EXPIRED_ANSWER, "valid": VALID}[
+            kind
+        ]
+    )
+    harness = Harness(ScriptedProvider(behaviour))
+    with mcp_bearer_log() as records:
+        outcome = harness.request(bearer(token), method=method)
+    assert_well_formed_http(outcome.messages)
+    assert harness.provider.calls == [token]  # type: ignore[attr-defined]
+    failed = kind in ("raises", "wrong-type")
+    assert (outcome.status == 500) is failed  # 500 iff the provider failed
+    if failed:
+        assert outcome.json() == SERVER_ERROR and outcome.header("www-authenticate") is None
+        (record,) = records  # logged once, without the token
+        assert record.levelno == logging.ERROR and token not in record.getMessage()
+    elif kind == "valid":
+        assert observe(outcome) == APP
+    else:
+        assert observe(outcome) == (401, INVALID_TOKEN) and not records
+    assert bool(harness.app_calls) is (kind == "valid")
+
+
+# --- a failing send is not a failing provider ---------------------------------
+
+
+@pytest.mark.parametrize("refused", [bearer("sk-nobody"), []], ids=["invalid-token", "no-token"])
+def test_a_send_that_fails_mid_refusal_is_not_reported_as_a_provider_failure(refused: Headers) -> None:
+    """The client goes away while the refusal is being sent: send raises on the body.
+
+    The error must reach the server as it is, and no second response may be started
+    (ASGI: one http.response.start per request); nor is it a provider crash to log.
+    """
+    harness = Harness()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            raise OSError("client disconnected")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/mcp", "root_path": "", "headers": refused}
+    with mcp_bearer_log() as records, pytest.raises(OSError, match="client disconnected"):
+        anyio.run(harness.middleware, scope, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 401
+    assert not records
+    assert harness.app_calls == []
 
 
 # --- the README's code, as users will copy it ------------------------------------
