@@ -73,8 +73,9 @@ _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 # RFC 9110 section 11.4: credentials = auth-scheme [ 1*SP token68 ], the scheme case-insensitive,
 # optional whitespace around the field value (section 5.5). Anything else is refused.
 _BEARER_CREDENTIALS = re.compile(rb"[ \t]*(?i:bearer) +(" + _TOKEN68.pattern + rb")[ \t]*")
-# RFC 9110 section 5.6.2 tchar: a scheme is a run of these, so "Bearerx" is another scheme.
+# The header scan lowers only names of these lengths: authorization, mcp-session-id.
 _WATCHED_NAME_SIZES = frozenset({len(b"authorization"), len(b"mcp-session-id")})
+# RFC 9110 section 5.6.2 tchar: a scheme is a run of these, so "Bearerx" is another scheme.
 _TCHARS = frozenset(
     bytes([c]) for c in b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
