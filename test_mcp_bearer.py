@@ -367,22 +367,25 @@ def test_token_elsewhere_than_authorization_is_no_token(headers: list[tuple[byte
     assert outcome.provider_calls == [] and outcome.app_calls == []
 
 
-class RaisingProvider(BearerAuthProvider):
-    async def verify_token(self, token: str) -> AccessToken | None:
-        raise RuntimeError(f"database down while checking {token}")
+class ScriptedProvider(BearerAuthProvider):
+    """A provider that does one thing: raise an exception class it was given, or return an answer (or call for one)."""
 
-
-class WrongTypeProvider(BearerAuthProvider):
-    def __init__(self, result: object) -> None:
-        self.result = result
+    def __init__(self, behaviour: Any) -> None:
+        self.behaviour = behaviour
+        self.calls: list[str] = []
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        return self.result  # type: ignore[return-value]
+        self.calls.append(token)
+        if isinstance(self.behaviour, type):  # an exception class; the message names the token, as careless code does
+            raise self.behaviour(f"lookup failed for {token}")
+        if callable(self.behaviour):
+            return self.behaviour()  # type: ignore[no-any-return]
+        return self.behaviour  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(
     "provider",
-    [RaisingProvider(), WrongTypeProvider({"sub": "bob"}), WrongTypeProvider(BOB), WrongTypeProvider(True)],
+    [ScriptedProvider(RuntimeError), ScriptedProvider({"sub": "bob"}), ScriptedProvider(BOB), ScriptedProvider(True)],
     ids=["raises", "returns-dict", "returns-str", "returns-true"],
 )
 def test_provider_failure_is_500_logged_and_fails_closed(
@@ -396,9 +399,9 @@ def test_provider_failure_is_500_logged_and_fails_closed(
     (record,) = [r for r in caplog.records if r.name == "mcp_bearer"]
     assert record.levelno == logging.ERROR
     assert BOB not in _record_text(record)
-    if isinstance(provider, RaisingProvider):
+    if provider.behaviour is RuntimeError:  # type: ignore[attr-defined]
         text = record.getMessage()
-        assert "Traceback" in text and "RuntimeError: database down while checking [token]" in text
+        assert "Traceback" in text and "RuntimeError: lookup failed for [token]" in text
 
 
 def test_provider_verify_token_must_be_async() -> None:
@@ -805,25 +808,13 @@ def test_e2e_app_mounted_under_a_prefix_or_root_path_is_protected() -> None:
 # --- the MCP authorization spec (issue 3): expiry, scopes, metadata, sessions --
 
 
-class FixedProvider(BearerAuthProvider):
-    """Returns one prepared AccessToken for any token."""
-
-    def __init__(self, **fields: Any) -> None:
-        self.fields = fields
-        self.calls: list[str] = []
-
-    async def verify_token(self, token: str) -> AccessToken | None:
-        self.calls.append(token)
-        return AccessToken(token, **self.fields)
-
-
 @pytest.mark.parametrize(
     ("expires_at", "status"),
     [(None, 200), (time.time() + 60, 200), (time.time() - 1, 401), (0, 401), (float("nan"), 401)],
     ids=["never", "future", "past", "epoch", "nan"],
 )
 def test_expired_token_is_refused_even_when_the_provider_returned_it(expires_at: float | None, status: int) -> None:
-    outcome = Harness(FixedProvider(expires_at=expires_at)).request(bearer(BOB))
+    outcome = Harness(ScriptedProvider(AccessToken(BOB, expires_at=expires_at))).request(bearer(BOB))
     assert outcome.status == status
     if status == 401:
         assert outcome.json() == INVALID_TOKEN and outcome.header("www-authenticate") == CHALLENGE_INVALID
@@ -835,7 +826,9 @@ def test_expired_token_is_refused_even_when_the_provider_returned_it(expires_at:
     [(["read", "write"], 200), (["write", "admin", "read"], 200), (["read"], 403), ([], 403), ("read write", 403)],
 )
 def test_required_scopes_answer_403_insufficient_scope(granted: Any, status: int) -> None:
-    outcome = Harness(FixedProvider(scopes=granted), required_scopes=["read", "write"]).request(bearer(BOB))
+    outcome = Harness(ScriptedProvider(AccessToken(BOB, scopes=granted)), required_scopes=["read", "write"]).request(
+        bearer(BOB)
+    )
     assert outcome.status == status
     if status == 403:
         assert outcome.json() == {
@@ -1825,22 +1818,6 @@ class LookAlike:
     claims: dict[str, Any]
     scopes: list[str]
     expires_at: float | None
-
-
-class ScriptedProvider(BearerAuthProvider):
-    """A provider that does one drawn thing: raise, return junk, None, or an (expired) AccessToken."""
-
-    def __init__(self, behaviour: Any) -> None:
-        self.behaviour = behaviour
-        self.calls: list[str] = []
-
-    async def verify_token(self, token: str) -> AccessToken | None:
-        self.calls.append(token)
-        if isinstance(self.behaviour, type):  # an exception class; the message names the token, as careless code does
-            raise self.behaviour(f"lookup failed for {token}")
-        if callable(self.behaviour):
-            return self.behaviour()  # type: ignore[no-any-return]
-        return self.behaviour  # type: ignore[no-any-return]
 
 
 class ListHandler(logging.Handler):

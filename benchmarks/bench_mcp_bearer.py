@@ -56,14 +56,14 @@ import time
 import tracemalloc
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 # Benchmark the checkout this script lives in, even when another mcp_bearer is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcp_bearer import BearerAuthMiddleware, StaticTokenProvider
+from mcp_bearer import ASGIApp, BearerAuthMiddleware, Message, Receive, Scope, Send, StaticTokenProvider
 
 try:
     import uvicorn
@@ -76,12 +76,6 @@ try:
     from starlette.responses import JSONResponse, Response
 except ImportError as exc:  # pragma: no cover - a clear message instead of a traceback
     raise SystemExit(f"bench_mcp_bearer: needs mcp, starlette and uvicorn (pip install -e '.[test]'): {exc}") from exc
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 VALID_TOKEN = secrets.token_urlsafe(32)
 INVALID_TOKEN = secrets.token_urlsafe(32)
