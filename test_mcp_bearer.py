@@ -89,18 +89,22 @@ CHALLENGE_MALFORMED = 'Bearer error="invalid_request", error_description="Malfor
 
 # --- log capture across the whole suite ---------------------------------------
 
-_all_records: list[logging.LogRecord] = []
 
+class ListHandler(logging.Handler):
+    """Keeps every record it is given, at any level."""
 
-class _KeepAll(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
     def emit(self, record: logging.LogRecord) -> None:
-        _all_records.append(record)
+        self.records.append(record)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def capture_all_logs() -> Iterator[None]:
     """Every record of every logger, any level, from every thread, checked at the end for secrets."""
-    handler = _KeepAll(level=logging.NOTSET)
+    handler = ListHandler()
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
@@ -108,7 +112,7 @@ def capture_all_logs() -> Iterator[None]:
     yield
     root.removeHandler(handler)
     root.setLevel(old_level)
-    assert_no_secret_logged(_all_records)
+    assert_no_secret_logged(handler.records)
 
 
 def _record_text(record: logging.LogRecord) -> str:
@@ -687,11 +691,15 @@ async def whoami_async() -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def mcp_session(url: str, token: str | None) -> AsyncIterator[tuple[ClientSession, Any]]:
-    """An initialized SDK ClientSession; the second item is the httpx client, whose headers can change."""
+async def mcp_session(url: str, token: str | None, **client_options: Any) -> AsyncIterator[tuple[ClientSession, Any]]:
+    """An initialized SDK ClientSession; the second item is the httpx client, whose headers can change.
+
+    ``client_options`` go to the httpx client (``auth``, ``event_hooks``, ``timeout``).
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    client_options.setdefault("timeout", 30)
     async with (
-        httpx.AsyncClient(headers=headers, timeout=30) as client,
+        httpx.AsyncClient(headers=headers, **client_options) as client,
         streamable_http_client(url, http_client=client) as streams,
         ClientSession(streams[0], streams[1]) as session,
     ):
@@ -1124,13 +1132,9 @@ async def test_e2e_sdk_oauth_client_follows_resource_metadata_to_the_authorizati
             oauth = OAuthClientProvider(
                 base + "/mcp", OAuthClientMetadata(redirect_uris=["http://127.0.0.1:1/cb"]), _NoStorage()
             )
-            async with httpx.AsyncClient(auth=oauth, timeout=20) as client:
-                with pytest.raises(BaseException):  # noqa: B017 - no real issuer: the flow must stop
-                    async with (
-                        streamable_http_client(base + "/mcp", http_client=client) as streams,
-                        ClientSession(streams[0], streams[1]) as session,
-                    ):
-                        await session.initialize()
+            with pytest.raises(BaseException):  # noqa: B017 - no real issuer: the flow must stop
+                async with mcp_session(base + "/mcp", None, auth=oauth, timeout=20):
+                    pass
     assert seen_here[:2] == [("POST", "/mcp"), ("GET", "/.well-known/oauth-protected-resource/mcp")]
     metadata = oauth.context.protected_resource_metadata
     assert metadata is not None and str(metadata.resource) == base + "/mcp"
@@ -1146,14 +1150,7 @@ async def test_e2e_second_principal_on_first_principals_session_gets_404(statefu
             session_ids.append(response.headers["mcp-session-id"])
 
     base = stateful_url.rsplit("/", 1)[0]
-    async with (
-        httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {ALICE_1}"}, timeout=30, event_hooks={"response": [note_session]}
-        ) as client,
-        streamable_http_client(stateful_url, http_client=client) as streams,
-        ClientSession(streams[0], streams[1]) as session,
-    ):
-        await session.initialize()
+    async with mcp_session(stateful_url, ALICE_1, event_hooks={"response": [note_session]}) as (session, _):
         assert (await call_json(session, "whoami"))["claims"]["sub"] == "alice"
         call = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "whoami"}}).encode()
         headers = {**MCP_POST_HEADERS, "mcp-session-id": session_ids[0], "mcp-protocol-version": "2025-06-18"}
@@ -1250,12 +1247,7 @@ class Tally:
 async def concurrent_calls(url: str, tokens: list[str], calls: int, limit: anyio.Semaphore) -> Tally:
     """``calls`` identity calls on one session, cycling through ``tokens``, at most ``limit`` in flight."""
     tally = Tally()
-    async with (
-        httpx.AsyncClient(auth=PerCallToken(tokens, tokens[0]), timeout=60) as client,
-        streamable_http_client(url, http_client=client) as streams,
-        ClientSession(streams[0], streams[1]) as session,
-    ):
-        await session.initialize()
+    async with mcp_session(url, None, auth=PerCallToken(tokens, tokens[0]), timeout=60) as (session, _):
 
         async def one(i: int) -> None:
             n = i % len(tokens)
@@ -1818,15 +1810,6 @@ class LookAlike:
     claims: dict[str, Any]
     scopes: list[str]
     expires_at: float | None
-
-
-class ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @contextlib.contextmanager
