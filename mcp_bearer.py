@@ -33,10 +33,11 @@ import socket
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
     "DEFAULT_EXCLUDED_PATHS",
@@ -62,6 +63,8 @@ DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = ("/docs", "/inspector", "/health", "/o
 DEFAULT_MAX_TOKEN_LENGTH = 8192
 DEFAULT_MAX_SESSIONS = 10_000
 PROTECTED_RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
+_MAX_SSE_PREAMBLE = 4096  # bytes of an event stream read for its endpoint event
+_MAX_MESSAGE_PATHS = 64
 
 logger = logging.getLogger("mcp_bearer")
 # Log messages are constants: nothing a client sends, above all no token, reaches them.
@@ -307,7 +310,10 @@ class BearerAuthMiddleware:
         self._excluded_paths = frozenset(excluded)
         self._max_token_length = max_token_length
         self._required_scopes = frozenset(scopes)
-        self._sessions: dict[bytes, str] | None = {} if bind_sessions else None
+        # Sessions and their owners' principals: Streamable HTTP ids are header bytes, legacy SSE ids str.
+        self._sessions: dict[bytes | str, str] | None = {} if bind_sessions else None
+        # Where the app takes legacy SSE posts, learned from its endpoint events.
+        self._message_paths: set[str] = set()
         self._max_sessions = max_sessions
         self._allow_cors_preflight = allow_cors_preflight
 
@@ -427,7 +433,14 @@ class BearerAuthMiddleware:
             return await self._respond(scope, send, refusal)
         assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
 
+        stream: list[str] = []  # the legacy SSE session this request's stream opens, once seen
         if self._sessions is not None and kind == "http":
+            if self._message_paths and _under(scope["path"], self._message_paths):
+                # Legacy HTTP+SSE transport: a POST names its session in the query string, and it
+                # belongs to the principal that opened the stream (as the SDK's own auth has it).
+                key = _sse_session_key(scope.get("query_string", b""))
+                if key is not None and self._sessions.get(key) != _principal(access, token):
+                    return await self._respond(scope, send, self._session_not_found)
             if session_id is not None:
                 # MCP spec: a session never stands in for authentication; it belongs to its creator.
                 if session_id_count > 1 or self._sessions.get(session_id) != _principal(access, token):
@@ -435,6 +448,8 @@ class BearerAuthMiddleware:
                 send = self._ending_send(send, session_id, method == "DELETE")
             elif method == "POST":  # only an initialize POST creates a session
                 send = self._binding_send(send, access, token)
+            elif method == "GET":  # a GET may open a legacy SSE stream, whose first event names its session
+                send = self._stream_send(send, scope, _principal(access, token), stream)
 
         state = scope.get("state")
         if state is None:
@@ -445,6 +460,8 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
         finally:
             _current_token.reset(reset)
+            if stream:  # the stream has ended, and the SDK forgets its session with it
+                self._sessions.pop(stream[0], None)  # type: ignore[union-attr]
 
     def _judge(self, access: object) -> _Response | None:
         """The refusal a provider's answer earns, or None for a token that may pass."""
@@ -473,22 +490,19 @@ class BearerAuthMiddleware:
 
     def _binding_send(self, send: Send, access: AccessToken, token: str) -> Send:
         """Watch a response that may create a session, and bind the session to its creator."""
-        sessions: dict[bytes, str] = self._sessions  # type: ignore[assignment]
 
         async def binding_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 for name, value in message.get("headers", ()):
                     if len(name) == 14 and name.lower() == b"mcp-session-id" and value:
-                        sessions[value] = _principal(access, token)
-                        if len(sessions) > self._max_sessions:  # oldest first; its owner re-initializes
-                            del sessions[next(iter(sessions))]
+                        self._bind(value, _principal(access, token))
             await send(message)
 
         return binding_send
 
     def _ending_send(self, send: Send, session_id: bytes, deleting: bool) -> Send:
         """Watch a response on a session, and forget the session once the app has ended it."""
-        sessions: dict[bytes, str] = self._sessions  # type: ignore[assignment]
+        sessions: dict[bytes | str, str] = self._sessions  # type: ignore[assignment]
 
         async def ending_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -498,6 +512,49 @@ class BearerAuthMiddleware:
             await send(message)
 
         return ending_send
+
+    def _stream_send(self, send: Send, scope: Scope, principal: str, stream: list[str]) -> Send:
+        """Watch a GET's response for a legacy SSE stream, and bind the session its first event names.
+
+        The binding is made before the event reaches the client, so the owner's first POST finds it.
+        """
+        watching = False
+        seen = b""
+
+        async def stream_send(message: Message) -> None:
+            nonlocal watching, seen
+            if message["type"] == "http.response.start":
+                watching = message["status"] == 200 and any(
+                    name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                    for name, value in message.get("headers", ())
+                )
+            elif watching and message["type"] == "http.response.body":
+                seen += message.get("body", b"")
+                endpoint = _sse_endpoint(seen)
+                if endpoint is not None or len(seen) > _MAX_SSE_PREAMBLE:
+                    watching, seen = False, b""
+                if endpoint:
+                    key = _sse_session_key(urlsplit(endpoint).query.encode("latin-1", "replace"))
+                    if key:
+                        self._learn_message_path(unquote(urlsplit(endpoint).path))
+                        self._bind(key, principal)
+                        stream.append(key)
+            await send(message)
+
+        return stream_send
+
+    def _bind(self, session: bytes | str, principal: str) -> None:
+        sessions: dict[bytes | str, str] = self._sessions  # type: ignore[assignment]
+        sessions[session] = principal
+        if len(sessions) > self._max_sessions:  # oldest first; its owner re-initializes
+            del sessions[next(iter(sessions))]
+
+    def _learn_message_path(self, path: str) -> None:
+        if path not in self._message_paths:
+            # Too many distinct ones (a mount with a path parameter?): guard session_id on every path.
+            self._message_paths = (
+                {"/"} if len(self._message_paths) >= _MAX_MESSAGE_PATHS else {*self._message_paths, path}
+            )
 
     async def _respond(self, scope: Scope, send: Send, response: _Response) -> None:
         status, headers, body = response
@@ -520,6 +577,38 @@ def _is_preflight(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """
     names = {name.lower() for name, _ in headers}
     return b"origin" in names and b"access-control-request-method" in names
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+    """Whether a request path is routed to one of these mounts (Starlette also redirects ``/messages``)."""
+    return any(path.startswith(prefix) or path + "/" == prefix for prefix in prefixes)
+
+
+def _sse_session_key(query_string: bytes) -> str | None:
+    """The legacy SSE session a query string names: None for none, "" for one we refuse to guess at.
+
+    Read as the SDK reads it (Starlette's query parsing, then ``UUID(hex=...)``), so every spelling it
+    would route (upper case, ``{id}``, ``urn:uuid:id``, ``session%5Fid=``) names the same session.
+    """
+    values = [v for k, v in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True) if k == "session_id"]
+    if not values:
+        return None
+    if len(values) > 1:  # the SDK reads the last; a proxy or the app might read the first
+        return ""
+    try:
+        return uuid.UUID(hex=values[0]).hex
+    except ValueError:
+        return ""
+
+
+def _sse_endpoint(stream: bytes) -> str | None:
+    """The data of the ``endpoint`` event among the complete events at the start of an SSE stream."""
+    text = stream.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+    for event in text.split("\n\n")[:-1]:
+        fields = dict(line.partition(":")[::2] for line in event.split("\n") if not line.startswith(":"))
+        if fields.get("event", "").strip() == "endpoint":
+            return fields.get("data", "").removeprefix(" ")
+    return None
 
 
 def _principal(access: AccessToken, token: str) -> str:

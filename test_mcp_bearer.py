@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,9 @@ import uvicorn
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mcp.client.session import ClientSession
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from pydantic import BaseModel
 
 import mcp_bearer
 from mcp_bearer import (
@@ -50,11 +53,13 @@ from mcp_bearer import (
 
 try:  # mcp 2.x
     import httpx2 as httpx
+    from mcp.server.mcpserver import Context
     from mcp.server.mcpserver import MCPServer as _Server
 
     MCP_MAJOR = 2
 except ImportError:  # mcp 1.x
     import httpx  # type: ignore[no-redef]
+    from mcp.server.fastmcp import Context  # type: ignore[no-redef,assignment]
     from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[no-redef]
 
     MCP_MAJOR = 1
@@ -1282,6 +1287,165 @@ async def test_e2e_20_concurrent_calls_on_one_session_each_see_their_own_token()
         tally = await concurrent_calls(base + "/mcp", tokens, calls=20, limit=anyio.Semaphore(20))
     assert tally == Tally(calls=20)
     assert set(provider.calls) == set(tokens)
+
+
+# --- the legacy HTTP+SSE transport: a session belongs to whoever opened its stream ---
+# GET /sse opens a stream whose first event names /messages/?session_id=<hex>; POSTs to that URL land on
+# the stream. Without binding, any valid token could post into someone else's session, or answer the
+# owner's elicitation (server-to-client request ids are small counters), as the SDK's own auth forbids.
+
+
+class Confirmation(BaseModel):
+    ok: bool
+
+
+async def confirm(ctx: Context) -> str:  # type: ignore[type-arg]
+    """Asks the caller to confirm, then reports who answered what."""
+    answer = await ctx.elicit("Delete everything?", schema=Confirmation)
+    return json.dumps({"action": answer.action, "data": getattr(answer, "data", None) and answer.data.model_dump()})
+
+
+def sse_app(*tools: Callable[..., Any]) -> Any:
+    """The SDK's own legacy SSE app (GET /sse, POST /messages/) with these tools, on mcp 2.x or 1.x."""
+    server = _Server("test")
+    for tool in tools:
+        server.tool()(tool)
+    return server.sse_app()
+
+
+@contextlib.asynccontextmanager
+async def sse_session(base: str, token: str, **session_options: Any) -> AsyncIterator[tuple[ClientSession, str]]:
+    """An initialized SDK ClientSession over the SDK's own ``sse_client``; the second item is its session id."""
+    ids: list[str] = []
+    async with (
+        sse_client(
+            base + "/sse", headers={"Authorization": f"Bearer {token}"}, on_session_created=ids.append
+        ) as streams,
+        ClientSession(streams[0], streams[1], **session_options) as session,
+    ):
+        await session.initialize()
+        yield session, ids[0]
+
+
+def post_message(base: str, token: str, query: str, message: dict[str, Any], path: str = "/messages/") -> Any:
+    headers = {"content-type": "application/json", "Authorization": f"Bearer {token}"}
+    return raw_request(base, "POST", f"{path}?{query}", headers, json.dumps(message).encode())
+
+
+def forms_of(session_id: str, other: str) -> list[tuple[str, str]]:
+    """Every spelling of a session id the SDK would route to that session, as (path, query)."""
+    hyphenated = str(uuid.UUID(hex=session_id))
+    return [
+        ("/messages/", f"session_id={session_id}"),
+        ("/messages/", f"session_id={session_id.upper()}"),
+        ("/messages/", f"session_id=%7B{session_id}%7D"),
+        ("/messages/", f"session_id=urn:uuid:{hyphenated}"),
+        ("/messages/", f"session_id={hyphenated}"),
+        ("/messages/", f"session_id={session_id}&session_id={other}"),
+        ("/messages/", f"session_id={other}&session_id={session_id}"),
+        ("/messages/anything", f"session_id={session_id}"),
+        ("/messages/", f"session%5Fid={session_id}"),
+        ("/messages/", f"session_id={session_id}&x=1"),
+        ("/messages", f"session_id={session_id}"),  # Starlette redirects this to /messages/
+    ]
+
+
+TOOL_CALL = {"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}
+
+
+@pytest.fixture(scope="module")
+def sse_base() -> Iterator[str]:
+    with serve(BearerAuthMiddleware(sse_app(whoami, whoami_async, confirm), RecordingProvider())) as base:
+        yield base
+
+
+@pytest.mark.anyio
+async def test_e2e_sse_client_works_and_each_caller_sees_their_own_claims(sse_base: str) -> None:
+    async with sse_session(sse_base, BOB) as (bob, _), sse_session(sse_base, CAROL_NO_SUB) as (carol, _):
+        for tool in ("whoami", "whoami_async"):
+            assert await call_json(bob, tool) == {"token": fingerprint(BOB), "claims": TOKENS[BOB]}
+            assert await call_json(carol, tool) == {"token": fingerprint(CAROL_NO_SUB), "claims": TOKENS[CAROL_NO_SUB]}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("owner", "intruder"),
+    [(ALICE_1, BOB), (CAROL_NO_SUB, BOB), (BOB, CAROL_NO_SUB)],
+    ids=["alice-bob", "carol-bob", "bob-carol"],
+)
+async def test_e2e_sse_another_principal_cannot_post_into_a_session_in_any_spelling(
+    sse_base: str, owner: str, intruder: str
+) -> None:
+    async with sse_session(sse_base, owner) as (session, victim), sse_session(sse_base, intruder) as (_, own):
+        for path, query in forms_of(victim, own):
+            status, _, body = post_message(sse_base, intruder, query, TOOL_CALL, path)
+            assert (status, json.loads(body)) == (404, SESSION_NOT_FOUND), (path, query)
+        assert (await call_json(session, "whoami"))["token"] == fingerprint(owner)  # the owner carries on
+
+
+@pytest.mark.anyio
+async def test_e2e_sse_without_sub_the_session_belongs_to_the_token_not_the_person() -> None:
+    tokens = {CAROL_NO_SUB: {"email": "carol@example.com"}, ALICE_2: {"email": "carol@example.com"}}
+    with serve(BearerAuthMiddleware(sse_app(whoami), RecordingProvider(tokens))) as base:
+        async with sse_session(base, CAROL_NO_SUB) as (session, victim):
+            status, _, _ = post_message(base, ALICE_2, f"session_id={victim}", TOOL_CALL)
+            assert status == 404
+            status, _, _ = post_message(base, CAROL_NO_SUB, f"session_id={victim.upper()}", TOOL_CALL)
+            assert status == 202  # the owner's own post, in another spelling, reaches the SDK
+            assert (await call_json(session, "whoami"))["token"] == fingerprint(CAROL_NO_SUB)
+
+
+@pytest.mark.anyio
+async def test_e2e_sse_a_forged_elicitation_answer_is_refused_and_the_owner_decides(sse_base: str) -> None:
+    """Bob answers the confirmation alice's tool asked her for: her tool must go on with her answer."""
+    from mcp.types import ElicitResult
+
+    asked = anyio.Event()
+    forged = anyio.Event()
+
+    async def alice_answers(context: Any, params: Any) -> ElicitResult:
+        asked.set()
+        await forged.wait()
+        return ElicitResult(action="decline")
+
+    async with sse_session(sse_base, ALICE_1, elicitation_callback=alice_answers) as (session, victim):
+        async with anyio.create_task_group() as group:
+            results: list[Any] = []
+
+            async def call() -> None:
+                results.append(await session.call_tool("confirm", {}))
+
+            group.start_soon(call)
+            with anyio.fail_after(10):
+                await asked.wait()
+            for request_id in range(10):  # the SDK numbers its requests to the client from 0
+                answer = {"jsonrpc": "2.0", "id": request_id, "result": {"action": "accept", "content": {"ok": True}}}
+                status = await anyio.to_thread.run_sync(post_message, sse_base, BOB, f"session_id={victim}", answer)
+                assert status[0] == 404
+            forged.set()
+        assert json.loads(results[0].content[0].text) == {"action": "decline", "data": None}
+
+
+@pytest.mark.anyio
+async def test_e2e_sse_binding_ends_with_the_stream_and_the_table_stays_bounded() -> None:
+    middleware = BearerAuthMiddleware(sse_app(whoami), RecordingProvider(), max_sessions=2)
+    with serve(middleware) as base:
+        async with sse_session(base, ALICE_1) as (_, first_id):
+            assert middleware._sessions == {first_id: "sub:alice"}
+            async with sse_session(base, ALICE_1) as (_, second_id), sse_session(base, BOB) as (third, third_id):
+                assert set(middleware._sessions) == {second_id, third_id}  # the oldest was forgotten
+                # Forgotten is refused, even for its owner, rather than left unguarded: they reconnect.
+                assert post_message(base, ALICE_1, f"session_id={first_id}", TOOL_CALL)[0] == 404
+                assert (await call_json(third, "whoami"))["claims"]["sub"] == "bob"
+            assert middleware._sessions == {}
+        assert middleware._sessions == {}
+
+
+def test_an_app_without_the_sse_transport_keeps_its_own_session_id_parameter() -> None:
+    harness = Harness()
+    for query in (b"session_id=mine", b"session_id=a&session_id=b", b"session_id=" + uuid.uuid4().hex.encode()):
+        outcome = harness.request(bearer(BOB), path="/messages/", query_string=query)
+        assert outcome.status == 200 and outcome.body == b"app", query
 
 
 # --- the command line ------------------------------------------------------------
