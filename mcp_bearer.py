@@ -1124,12 +1124,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="URL",
         help="issuer URL listed in the metadata, repeatable",
     )
+    parser.add_argument(
+        "--jwks-url", metavar="URL", help="verify JWT access tokens with the issuer's JWKS instead of fixed tokens"
+    )
+    parser.add_argument("--issuer", action="append", default=[], metavar="ISS", help="accepted JWT iss, repeatable")
+    parser.add_argument("--audience", action="append", default=[], metavar="AUD", help="accepted JWT aud, repeatable")
+    parser.add_argument(
+        "--algorithm", action="append", default=[], metavar="ALG", help="accepted JWT alg, repeatable (default RS256)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     args = parser.parse_args(argv)
 
     generated = None
-    if args.tokens_file is not None:
+    jwt_provider = None
+    if args.jwks_url is not None:  # TODO chain: with --tokens-file too, accept API keys and JWTs alike
+        if not args.issuer or not args.audience:
+            _fail("--jwks-url needs --issuer and --audience (the tokens' iss and aud)")
+        try:
+            jwt_provider = JWTProvider(
+                issuer=args.issuer,
+                audience=args.audience,
+                jwks_url=args.jwks_url,
+                algorithms=args.algorithm or ("RS256",),
+            )
+        except (TypeError, ValueError, ImportError) as exc:
+            _fail(str(exc))
+    elif args.issuer or args.audience or args.algorithm:
+        _fail("--issuer, --audience and --algorithm need --jwks-url")
+    elif args.tokens_file is not None:
         tokens = _load_tokens(args.tokens_file)
     elif os.environ.get("MCP_BEARER_TOKENS", "").strip():
         keys = [key.strip() for key in os.environ["MCP_BEARER_TOKENS"].split(",") if key.strip()]
@@ -1149,7 +1172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         guarded = BearerAuthMiddleware(
             app,
-            StaticTokenProvider(tokens),
+            jwt_provider or StaticTokenProvider(tokens),
             exclude_paths=DEFAULT_EXCLUDED_PATHS if args.exclude is None else args.exclude,
             required_scopes=args.required_scope,
             resource=args.resource,
