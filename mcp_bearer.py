@@ -20,23 +20,33 @@ from __future__ import annotations
 
 import abc
 import argparse
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
 import contextvars
 import hashlib
+import http.client
 import importlib
 import inspect
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import socket
 import sys
+import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
@@ -46,6 +56,8 @@ __all__ = [
     "BearerAuthMiddleware",
     "BearerAuthProvider",
     "InsufficientScopeError",
+    "JWTProvider",
+    "ProviderUnavailable",
     "StaticTokenProvider",
     "get_access_token",
     "main",
@@ -70,6 +82,8 @@ logger = logging.getLogger("mcp_bearer")
 # Log messages are constants: nothing a client sends, above all no token, reaches them.
 _LOG_PROVIDER_RAISED = "token provider raised; request refused with 500\n%s"
 _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; request refused with 500"
+_LOG_PROVIDER_UNAVAILABLE = "token provider unavailable; request refused with 503, Retry-After %d"
+_LOG_JWKS_FAILED = "JWKS fetch from %s failed (%s); keeping the last good key set, if any"
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -99,6 +113,14 @@ class InsufficientScopeError(AuthenticationError):
     def __init__(self, missing_scopes: Sequence[str]) -> None:
         self.missing_scopes = tuple(missing_scopes)
         super().__init__("Insufficient scope: missing " + " ".join(self.missing_scopes))
+
+
+class ProviderUnavailable(Exception):
+    """A provider cannot decide right now (say, its issuer is unreachable): 503 with Retry-After, not 401."""
+
+    def __init__(self, message: str = "Token verification is temporarily unavailable", *, retry_after: float = 5.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(slots=True)
@@ -156,6 +178,446 @@ class StaticTokenProvider(BearerAuthProvider):
             return None
         claims, scopes = entry
         return AccessToken(token, dict(claims), list(scopes))
+
+
+# --- network: the one helper that touches it ------------------------------------
+
+T = TypeVar("T")
+_MAX_RESPONSE_BYTES = 1 << 20
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _worker_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The module's worker threads for blocking network calls, created on first use."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="mcp_bearer")
+        return _executor
+
+
+def _checked_endpoint(name: str, url: object) -> str:
+    """A URL this module may fetch: https, or http to a loopback host (development); no userinfo, no fragment."""
+    text = _checked_text(name, url, header=True)
+    parts = urlsplit(text)
+    try:
+        host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"{name} has an invalid host or port") from None
+    if not host or parts.scheme not in ("https", "http"):
+        raise ValueError(f"{name} must be an absolute https:// URL")
+    if "@" in parts.netloc:  # credentials in a URL end up in logs and proxies
+        raise ValueError(f"{name} must not contain user:password@")
+    if "#" in text:
+        raise ValueError(f"{name} must not have a #fragment")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ValueError(f"{name} must use https:// (http:// only to localhost, 127.0.0.0/8 or ::1)")
+    return text
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _result(future: concurrent.futures.Future[T], timeout: float | None = None) -> T:
+    """Wait for a future that another thread completes, under asyncio or trio, without blocking the loop.
+
+    Any number of requests may wait on one future (single flight); a waiter that
+    is cancelled or times out never cancels the future for the others.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: trio (hypercorn --worker-class trio)
+        trio: Any = importlib.import_module("trio")
+        done = trio.Event()
+        trio_token = trio.lowlevel.current_trio_token()
+
+        def wake(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # the run ended: nobody is left to wake
+                trio_token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await done.wait()
+    else:
+        waiter = asyncio.wrap_future(future)
+        # Collect the outcome even if nobody is left to: no "exception was never retrieved" noise.
+        waiter.add_done_callback(lambda w: w.cancelled() or w.exception())
+        await asyncio.wait([waiter], timeout=timeout)  # unlike wait_for, never cancels the shared future
+    if not future.done():
+        raise TimeoutError("timed out waiting for a worker thread")
+    return future.result()
+
+
+async def _http_call(
+    url: str, *, body: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float
+) -> tuple[int, bytes]:
+    """``(status, body)`` of one GET (or POST with ``body``), run in a worker thread, all within ``timeout``.
+
+    Raises OSError (TimeoutError for the deadline) for every failure. Messages never
+    carry the request body or header values: those hold tokens and client secrets.
+    """
+    deadline = time.monotonic() + timeout
+    future = _worker_pool().submit(_http_exchange, url, body, dict(headers or {}), deadline)
+    try:
+        return await _result(future, timeout)
+    finally:
+        future.cancel()  # still waiting for a worker: never start it (a no-op once it runs)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is an answer, not an instruction: the endpoint is the configured one (no open redirect, no SSRF)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def _http_exchange(url: str, body: bytes | None, headers: dict[str, str], deadline: float) -> tuple[int, bytes]:
+    """The only code in this module that touches the network; runs in a worker thread (see ``_http_call``)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("HTTP request timed out waiting for a worker thread")
+    method = "GET" if body is None else "POST"
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)  # noqa: S310 - _checked_endpoint
+    try:
+        response: Any = _opener.open(request, timeout=remaining)
+    except urllib.error.HTTPError as error:
+        response = error  # 3xx, 4xx, 5xx: a status to return; its body is read (and closed) like any other
+    except urllib.error.URLError as error:  # reason: the socket or TLS error, never our headers or body
+        if isinstance(error.reason, TimeoutError):
+            raise TimeoutError("HTTP request timed out") from None
+        raise OSError(f"HTTP request failed: {error.reason}") from None
+    except (OSError, http.client.HTTPException, ValueError) as error:  # ValueError text may quote a header
+        if isinstance(error, TimeoutError):
+            raise TimeoutError("HTTP request timed out") from None
+        raise OSError(f"HTTP request failed: {type(error).__name__}") from None
+    with response:
+        try:
+            status = int(response.getcode())
+            read = getattr(response, "read1", response.read)  # read1: whatever one recv brings, so the deadline holds
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := read(65536):
+                size += len(chunk)
+                if size > _MAX_RESPONSE_BYTES:
+                    raise OSError(f"HTTP response larger than {_MAX_RESPONSE_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("HTTP response took too long")
+                chunks.append(chunk)
+        except (http.client.HTTPException, ValueError) as error:
+            raise OSError(f"HTTP response unreadable: {type(error).__name__}") from None
+    return status, b"".join(chunks)
+
+
+# --- JWT access tokens --------------------------------------------------------
+
+# RFC 7518 section 3.1, RFC 8037 section 3.1: the key type (and curves) each algorithm verifies with.
+_KEY_TYPES: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    **{f"HS{n}": ("oct", None) for n in (256, 384, 512)},
+    **{f"RS{n}": ("RSA", None) for n in (256, 384, 512)},
+    **{f"PS{n}": ("RSA", None) for n in (256, 384, 512)},
+    "ES256": ("EC", ("P-256",)),
+    "ES384": ("EC", ("P-384",)),
+    "ES512": ("EC", ("P-521",)),
+    "ES256K": ("EC", ("secp256k1",)),
+    "EdDSA": ("OKP", ("Ed25519", "Ed448")),
+}
+# RFC 7515 section 7.1: three base64url segments. Anything else (an API key, a JWE) is not ours to judge.
+_JWS_COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_UNKNOWN_KID = object()
+
+
+class _KeySet(NamedTuple):
+    """One fetched JWKS, replaced as a whole: readers never see half of a refresh."""
+
+    fetched_at: float  # time.monotonic()
+    by_kid: dict[str, dict[str, Any]]  # kid -> {algorithm: key object}
+    sole: dict[str, Any]  # algorithm -> the only key that fits it (for tokens without kid)
+
+
+def _jwk_keys(jwt: Any, entry: object, algorithms: Sequence[str]) -> dict[str, Any]:
+    """The pinned algorithms one JWKS entry may verify, each with its key object; {} to skip the entry.
+
+    RFC 7517 section 5: entries we cannot use are skipped, not fatal to the set.
+    RFC 8725 section 3.1: a key with an ``alg`` serves that algorithm only, and each
+    algorithm only a key of its own type, so a key is never read as another kind.
+    """
+    if not isinstance(entry, dict) or "d" in entry:  # a published private key signs for anyone
+        return {}
+    if entry.get("use", "sig") != "sig" or not isinstance(entry.get("kid", ""), str):
+        return {}
+    operations = entry.get("key_ops")
+    if operations is not None and (not isinstance(operations, list) or "verify" not in operations):
+        return {}
+    declared = entry.get("alg")
+    keys: dict[str, Any] = {}
+    for algorithm in algorithms if declared is None else [declared]:
+        if algorithm not in algorithms:
+            continue
+        key_type, curves = _KEY_TYPES[algorithm]
+        if entry.get("kty") != key_type or (curves is not None and entry.get("crv") not in curves):
+            continue
+        try:
+            keys[algorithm] = jwt.PyJWK(entry, algorithm=algorithm).key
+        except Exception:  # noqa: S112 - untrusted input to a parser: a key we cannot read is one we skip
+            continue
+    return keys
+
+
+def _key_set(jwt: Any, document: object, algorithms: Sequence[str]) -> _KeySet:
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWK Set: a JSON object with a keys list")
+    by_kid: dict[str, dict[str, Any]] = {}
+    fitting: dict[str, list[Any]] = {}
+    for entry in document["keys"]:
+        keys = _jwk_keys(jwt, entry, algorithms)
+        if "kid" in entry:
+            for algorithm, key in keys.items():
+                by_kid.setdefault(entry["kid"], {}).setdefault(algorithm, key)
+        for algorithm, key in keys.items():
+            fitting.setdefault(algorithm, []).append(key)
+    if not fitting:
+        raise ValueError(f"no key usable with {', '.join(algorithms)}")
+    sole = {algorithm: keys[0] for algorithm, keys in fitting.items() if len(keys) == 1}
+    return _KeySet(time.monotonic(), by_kid, sole)
+
+
+def _identifiers(name: str, value: object) -> tuple[str, ...]:
+    """A required issuer or audience: one string or several, none empty."""
+    values = (value,) if isinstance(value, str) else _strings(name, value)
+    if not values or not all(values):
+        raise ValueError(f"{name} must be a non-empty string or a non-empty list of them")
+    return tuple(_checked_text(name, v, header=False) for v in values)
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a finite number of seconds, {'>= 0' if zero else '> 0'}: {value!r}")
+    return float(value)
+
+
+def _scopes(claims: Mapping[str, Any]) -> list[str] | None:
+    """RFC 9068 section 2.2.3 ``scope`` (space-separated); else ``scp`` (Okta, Entra ID: list or string).
+
+    Any other type is None, and the token is refused: a scope we cannot read must not pass as no scope.
+    """
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return list(value)
+        return None
+    return []
+
+
+class JWTProvider(BearerAuthProvider):
+    """Signed JWT access tokens from an OAuth authorization server, verified with PyJWT.
+
+    Follows RFC 8725 (JWT best current practices): the accepted algorithms are
+    pinned and ``none`` never is (section 3.1); each key verifies one key type only,
+    so an RSA key never doubles as an HMAC secret (sections 2.1, 3.1); issuer and
+    audience are always checked (sections 3.8, 3.9); headers that would choose
+    their own key (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored, and any ``crit``
+    header is refused (RFC 7515 section 4.1.11: we understand no extensions).
+
+    Keys come from ``key`` (a PEM public key, or an HMAC secret) or from ``jwks_url``,
+    fetched on first need in a worker thread, kept ``jwks_cache_seconds``,
+    refetched for an unknown ``kid`` at most once per ``jwks_refresh_cooldown``
+    (concurrent requests share one fetch), and kept when a refresh fails. Only
+    with no key set at all does verification raise :class:`ProviderUnavailable`.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str | Sequence[str],
+        audience: str | Sequence[str],
+        jwks_url: str | None = None,
+        key: str | bytes | None = None,
+        algorithms: Sequence[str] = ("RS256",),
+        leeway: float = 30.0,
+        required_claims: Sequence[str] = ("exp", "iss", "aud", "sub"),
+        jwks_cache_seconds: float = 3600.0,
+        jwks_refresh_cooldown: float = 30.0,
+        jwks_timeout: float = 5.0,
+    ) -> None:
+        self._issuer = _identifiers("issuer", issuer)
+        self._audience = _identifiers("audience", audience)
+        pinned = _strings("algorithms", algorithms)
+        if not pinned:
+            raise ValueError("algorithms must name at least one algorithm, e.g. ('RS256',)")
+        for algorithm in pinned:
+            if algorithm.lower() == "none":
+                raise ValueError("algorithm 'none' means an unsigned token and is never accepted (RFC 8725 3.1)")
+            if algorithm not in _KEY_TYPES:
+                raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_KEY_TYPES)}")
+        hmac = {a for a in pinned if a.startswith("HS")}
+        if hmac and len(hmac) != len(pinned):  # RFC 8725 2.1: a public key must never be read as an HMAC secret
+            raise ValueError("HMAC (HS*) algorithms cannot be mixed with public-key algorithms")
+        if (jwks_url is None) == (key is None):
+            raise ValueError("give exactly one of jwks_url= (the issuer's JWKS) and key= (a PEM public key or secret)")
+        if hmac and jwks_url is not None:
+            raise ValueError("HMAC (HS*) needs a shared secret as key=; a JWKS publishes public keys only")
+        self._required = list(_strings("required_claims", required_claims))
+        self._leeway = _seconds("leeway", leeway, zero=True)
+        self._cache_seconds = _seconds("jwks_cache_seconds", jwks_cache_seconds)
+        self._cooldown = _seconds("jwks_refresh_cooldown", jwks_refresh_cooldown, zero=True)
+        self._timeout = _seconds("jwks_timeout", jwks_timeout)
+        self._algorithms = pinned
+        self._jwks_url = None if jwks_url is None else _checked_endpoint("jwks_url", jwks_url)
+
+        message = "JWTProvider needs PyJWT with its crypto extra: pip install 'mcp_bearer[jwt]' (or 'pyjwt[crypto]')"
+        try:
+            self._jwt: Any = importlib.import_module("jwt")
+        except ImportError:
+            raise ImportError(message) from None
+        if not hmac and not self._jwt.algorithms.has_crypto:
+            raise ImportError(message)
+        # enforce_minimum_key_length: RFC 7518 3.2 and 3.3 (HMAC secrets, RSA keys of 2048 bits and more).
+        self._options = {"require": self._required, "enforce_minimum_key_length": True}
+
+        # A static key is parsed once, here: no PEM parsing per request.
+        self._static_keys: dict[str, Any] = {}
+        if key is not None:
+            if not isinstance(key, (str, bytes)):
+                raise TypeError(f"key must be a PEM public key or an HMAC secret (str/bytes), not {type(key).__name__}")
+            for algorithm in pinned:
+                self._static_keys[algorithm] = self._prepared_key(algorithm, key)
+
+        self._key_set_now: _KeySet | None = None  # installed by the worker thread that fetched it
+        self._fetch: concurrent.futures.Future[None] | None = None
+        self._last_attempt = -math.inf
+        self._lock = threading.Lock()  # held for a few lines, never across I/O
+
+    def _prepared_key(self, algorithm: str, key: str | bytes) -> Any:
+        """The key object PyJWT verifies ``algorithm`` with; messages never quote the key."""
+        implementation = self._jwt.get_algorithm_by_name(algorithm)
+        try:
+            prepared = implementation.prepare_key(key)
+        except Exception:
+            if algorithm.startswith("HS"):
+                raise ValueError(
+                    "key looks like a PEM/SSH public key or certificate, not an HMAC secret (RFC 8725 2.1)"
+                ) from None
+            raise ValueError(f"key is not a PEM public key usable with {algorithm}") from None
+        if hasattr(prepared, "private_bytes"):
+            raise ValueError("key is a private key; give the server the public key only")
+        weakness = getattr(implementation, "check_key_length", lambda _: None)(prepared)
+        if weakness:
+            raise ValueError(f"key is too short for {algorithm} (RFC 7518 section 3)")
+        return prepared
+
+    def __repr__(self) -> str:  # never the key: it may be an HMAC secret
+        source = f"jwks_url={self._jwks_url!r}" if self._jwks_url else "key=..."
+        names = f"issuer={self._issuer!r}, audience={self._audience!r}"
+        return f"JWTProvider({names}, {source}, algorithms={self._algorithms!r})"
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        shape = _JWS_COMPACT.fullmatch(token)
+        if shape is None:  # not a JWS: no key lookup, no fetch (an API key in a chain never waits on the IdP)
+            return None
+        try:
+            segment = shape[1]
+            header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(header, dict) or "crit" in header:
+            return None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:  # the header never chooses
+            return None
+        if kid is not None and not isinstance(kid, str):
+            return None
+        key = self._static_keys.get(algorithm) if self._jwks_url is None else await self._jwks_key(kid, algorithm)
+        if key is None:
+            return None
+        try:
+            claims: dict[str, Any] = self._jwt.decode(
+                token,
+                key=key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=self._options,
+            )
+        except self._jwt.PyJWTError:
+            return None
+        scopes = _scopes(claims)
+        expires = claims.get("exp")
+        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
+            return None  # PyJWT reads "exp": "123" as a number; an RFC 7519 NumericDate is a JSON number
+        if scopes is None:
+            return None
+        # exp + leeway: the middleware refuses at the same instant PyJWT would.
+        return AccessToken(token, claims, scopes, None if expires is None else expires + self._leeway)
+
+    async def _jwks_key(self, kid: str | None, algorithm: str) -> Any:
+        """The key for this kid and algorithm; None for a token no key set can verify."""
+        key_set = self._key_set_now
+        if key_set is not None:
+            key = self._find(key_set, kid, algorithm)
+            if key is not _UNKNOWN_KID:
+                if time.monotonic() - key_set.fetched_at >= self._cache_seconds:
+                    self._start_fetch()  # stale: refresh in the background, answer now with what we have
+                return key
+        fetch = self._start_fetch()  # no key set yet, or a kid we have not seen: rotation, or a made-up kid
+        if fetch is not None:
+            with contextlib.suppress(TimeoutError):  # a slow fetch: answer with whatever set we have
+                await _result(fetch, self._timeout)
+        key_set = self._key_set_now
+        if key_set is None:
+            retry_after = max(1.0, self._last_attempt + self._cooldown - time.monotonic())
+            raise ProviderUnavailable(retry_after=retry_after)
+        key = self._find(key_set, kid, algorithm)
+        return None if key is _UNKNOWN_KID else key
+
+    @staticmethod
+    def _find(key_set: _KeySet, kid: str | None, algorithm: str) -> Any:
+        if kid is None:  # only when exactly one key could have signed it
+            return key_set.sole.get(algorithm)
+        keys = key_set.by_kid.get(kid)
+        return _UNKNOWN_KID if keys is None else keys.get(algorithm)  # a kid of another key type: None
+
+    def _start_fetch(self) -> concurrent.futures.Future[None] | None:
+        """The fetch in flight, else a new one unless the cooldown forbids it (then None)."""
+        with self._lock:
+            if self._fetch is not None and not self._fetch.done():
+                return self._fetch
+            now = time.monotonic()
+            if now - self._last_attempt < self._cooldown:
+                return None
+            self._last_attempt = now
+            self._fetch = _worker_pool().submit(self._fetch_key_set, now + self._timeout)
+            return self._fetch
+
+    def _fetch_key_set(self, deadline: float) -> None:
+        """In a worker thread: fetch, parse and install a key set; on any failure keep the last good one.
+
+        Installing here, not in a waiting request, keeps the result even if every waiter was cancelled.
+        """
+        assert self._jwks_url is not None
+        try:
+            status, body = _http_exchange(self._jwks_url, None, {"accept": "application/json"}, deadline)
+            if status != 200:
+                raise OSError(f"HTTP status {status}")
+            self._key_set_now = _key_set(self._jwt, json.loads(body), self._algorithms)
+        except Exception as exc:
+            logger.warning(_LOG_JWKS_FAILED, self._jwks_url, f"{type(exc).__name__}: {exc}")
 
 
 # --- context helpers ----------------------------------------------------------
@@ -369,6 +831,10 @@ class BearerAuthMiddleware:
         self._malformed = refusal(400, "invalid_request", "Malformed Authorization header")
         self._insufficient_scope = refusal(403, "insufficient_scope", "Insufficient scope")
         self._server_error = refusal(500, "server_error", "Authentication failed unexpectedly", challenge=False)
+        # Not 401 (the token may be fine) nor 500 (nothing is broken here): ask the client to retry (RFC 9110 15.6.4).
+        self._unavailable = refusal(
+            503, "temporarily_unavailable", "Token verification is temporarily unavailable", challenge=False
+        )
         # MCP Streamable HTTP: 404 for a session id is how a client learns to start a new session.
         self._session_not_found = refusal(404, "session_not_found", "Session not found", challenge=False)
 
@@ -423,6 +889,11 @@ class BearerAuthMiddleware:
         try:
             access = await self._verify(token)
             refusal = self._judge(access)
+        except ProviderUnavailable as exc:
+            seconds = _retry_after(exc.retry_after)
+            logger.warning(_LOG_PROVIDER_UNAVAILABLE, seconds)
+            status, headers, body = self._unavailable
+            refusal = (status, (*headers, (b"retry-after", b"%d" % seconds)), body)
         except Exception as exc:
             # Fail closed, and say so honestly: a provider crash is not a bad key.
             # The traceback is logged with the token cut out, in case the provider put it in a message.
@@ -568,6 +1039,17 @@ class BearerAuthMiddleware:
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 1008})  # RFC 6455 7.4.1: policy violation
+
+
+def _retry_after(seconds: object) -> int:
+    """RFC 9110 section 10.2.3 delay-seconds: whole seconds, rounded up, within [1, 3600] whatever a provider said."""
+    try:
+        value = float(seconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 5
+    if not value >= 1:  # also NaN
+        return 1
+    return math.ceil(min(value, 3600.0))
 
 
 def _is_preflight(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -731,12 +1213,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="URL",
         help="issuer URL listed in the metadata, repeatable",
     )
+    parser.add_argument(
+        "--jwks-url", metavar="URL", help="verify JWT access tokens with the issuer's JWKS instead of fixed tokens"
+    )
+    parser.add_argument("--issuer", action="append", default=[], metavar="ISS", help="accepted JWT iss, repeatable")
+    parser.add_argument("--audience", action="append", default=[], metavar="AUD", help="accepted JWT aud, repeatable")
+    parser.add_argument(
+        "--algorithm", action="append", default=[], metavar="ALG", help="accepted JWT alg, repeatable (default RS256)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     args = parser.parse_args(argv)
 
     generated = None
-    if args.tokens_file is not None:
+    jwt_provider = None
+    if args.jwks_url is not None:  # TODO chain: with --tokens-file too, accept API keys and JWTs alike
+        if not args.issuer or not args.audience:
+            _fail("--jwks-url needs --issuer and --audience (the tokens' iss and aud)")
+        try:
+            jwt_provider = JWTProvider(
+                issuer=args.issuer,
+                audience=args.audience,
+                jwks_url=args.jwks_url,
+                algorithms=args.algorithm or ("RS256",),
+            )
+        except (TypeError, ValueError, ImportError) as exc:
+            _fail(str(exc))
+    elif args.issuer or args.audience or args.algorithm:
+        _fail("--issuer, --audience and --algorithm need --jwks-url")
+    elif args.tokens_file is not None:
         tokens = _load_tokens(args.tokens_file)
     elif os.environ.get("MCP_BEARER_TOKENS", "").strip():
         keys = [key.strip() for key in os.environ["MCP_BEARER_TOKENS"].split(",") if key.strip()]
@@ -756,7 +1261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         guarded = BearerAuthMiddleware(
             app,
-            StaticTokenProvider(tokens),
+            jwt_provider or StaticTokenProvider(tokens),
             exclude_paths=DEFAULT_EXCLUDED_PATHS if args.exclude is None else args.exclude,
             required_scopes=args.required_scope,
             resource=args.resource,
