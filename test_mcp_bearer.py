@@ -1353,7 +1353,7 @@ def forms_of(session_id: str, other: str) -> list[tuple[str, str]]:
 TOOL_CALL = {"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sse_base() -> Iterator[str]:
     with serve(BearerAuthMiddleware(sse_app(whoami, whoami_async, confirm), RecordingProvider())) as base:
         yield base
@@ -1437,8 +1437,14 @@ async def test_e2e_sse_binding_ends_with_the_stream_and_the_table_stays_bounded(
                 # Forgotten is refused, even for its owner, rather than left unguarded: they reconnect.
                 assert post_message(base, ALICE_1, f"session_id={first_id}", TOOL_CALL)[0] == 404
                 assert (await call_json(third, "whoami"))["claims"]["sub"] == "bob"
-            assert middleware._sessions == {}
-        assert middleware._sessions == {}
+            await until(lambda: middleware._sessions == {})  # the server notices the client left
+        await until(lambda: middleware._sessions == {})
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    with anyio.fail_after(seconds):
+        while not condition():
+            await anyio.sleep(0.01)
 
 
 def test_an_app_without_the_sse_transport_keeps_its_own_session_id_parameter() -> None:
