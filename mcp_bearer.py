@@ -609,8 +609,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: ``mcp-bearer`` (console script) or ``python -m mcp_bearer``."""
+    # Usage names the command the user typed; error lines always start "mcp_bearer: error:".
+    installed = os.path.splitext(os.path.basename(sys.argv[0]))[0] == "mcp-bearer"
     parser = _ArgumentParser(
-        prog="python -m mcp_bearer",
+        prog="mcp-bearer" if installed else "python -m mcp_bearer",
         description="Serve an ASGI app or MCP server behind bearer-token authentication; "
         "without APP, a demo MCP server with a whoami tool. Tokens come from --tokens-file, "
         "else MCP_BEARER_TOKENS (comma-separated), else one random token printed once.",
@@ -691,4 +694,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m mcp_bearer` runs this file as __main__, a copy of the module beside the one a user's
+    # server imports: a middleware from here would set another context variable, with another
+    # AccessToken class, than the tools read. Use only the real module.
+    import mcp_bearer
+
+    mcp_bearer.main()

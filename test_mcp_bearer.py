@@ -1287,13 +1287,20 @@ async def test_e2e_20_concurrent_calls_on_one_session_each_see_their_own_token()
 # --- the command line ------------------------------------------------------------
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+# The ways a user starts the command line; each must give one mcp_bearer module, the one their server imports.
+PYTHON_M = (sys.executable, "-m", "mcp_bearer")
+# pip installs the console script next to the interpreter; CI installs the package, so it must be there.
+CONSOLE_SCRIPT = (os.path.join(os.path.dirname(sys.executable), "mcp-bearer"),)
+IMPORTED_MAIN = (sys.executable, "-c", "import sys, mcp_bearer; mcp_bearer.main(sys.argv[1:])")
 
 
 @contextlib.contextmanager
-def cli_server(*args: str, env: dict[str, str] | None = None, cwd: str = REPO) -> Iterator[tuple[str, list[str]]]:
-    """Run ``python -m mcp_bearer --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it."""
+def cli_server(
+    *args: str, env: dict[str, str] | None = None, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M
+) -> Iterator[tuple[str, list[str]]]:
+    """Run ``COMMAND --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "mcp_bearer", "--port", "0", *args],
+        [*command, "--port", "0", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
         stdout=subprocess.PIPE,
@@ -1316,9 +1323,9 @@ def cli_server(*args: str, env: dict[str, str] | None = None, cwd: str = REPO) -
         process.wait(20)
 
 
-def run_cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mcp_bearer", *args],
+        [*command, *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": REPO, "MCP_BEARER_TOKENS": ""},
         capture_output=True,
@@ -1374,6 +1381,59 @@ def test_cli_serves_any_asgi_app_with_every_option(tmp_path: Any) -> None:
             'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"'
             in (raw_request(base, "GET", "/x")[1]["www-authenticate"])
         )
+
+
+# The user's own module imports mcp_bearer; if the command line ran a second copy of the module as
+# __main__, the middleware would set one context variable and the tools read another: every caller None.
+USER_SERVER = """\
+import asyncio
+import hashlib
+
+from mcp_bearer import get_access_token
+{server_import}
+
+server = Server("user")
+
+
+def caller() -> dict:
+    token = get_access_token()
+    if token is None:
+        return {{"token": None, "claims": None}}
+    # A digest, not the token: tool results reach DEBUG logs.
+    return {{"token": hashlib.sha256(token.token.encode()).hexdigest()[:16], "claims": token.claims}}
+
+
+@server.tool()
+def whoami() -> dict:
+    return caller()
+
+
+@server.tool()
+async def whoami_async() -> dict:
+    await asyncio.sleep(0)
+    return caller()
+"""
+SERVER_IMPORT = {
+    2: "from mcp.server.mcpserver import MCPServer as Server",
+    1: "from mcp.server.fastmcp import FastMCP as Server",
+}
+ENTRY_POINTS = pytest.mark.parametrize(
+    "command", [PYTHON_M, CONSOLE_SCRIPT, IMPORTED_MAIN], ids=["python-m", "console-script", "imported-main"]
+)
+
+
+@pytest.mark.anyio
+@ENTRY_POINTS
+async def test_cli_tools_of_a_user_module_see_their_own_caller(command: tuple[str, ...], tmp_path: Any) -> None:
+    (tmp_path / "user_server.py").write_text(USER_SERVER.format(server_import=SERVER_IMPORT[MCP_MAJOR]))
+    (tmp_path / "tokens.json").write_text(json.dumps({ALICE_1: TOKENS[ALICE_1], BOB: TOKENS[BOB]}))
+    args = ("user_server:server", "--tokens-file", "tokens.json")
+    with cli_server(*args, cwd=str(tmp_path), command=command) as (base, _):
+        async with mcp_session(base + "/mcp", ALICE_1) as (alice, _), mcp_session(base + "/mcp", BOB) as (bob, _):
+            for tool in ("whoami", "whoami_async", "whoami"):
+                for session, token in ((alice, ALICE_1), (bob, BOB)):
+                    expected = {"token": fingerprint(token), "claims": TOKENS[token]}
+                    assert await call_json(session, tool) == expected, (tool, TOKENS[token]["sub"])
 
 
 @pytest.fixture
@@ -1440,12 +1500,21 @@ def test_cli_listener_lets_asyncio_turn_nagle_off() -> None:
     assert asyncio.run(accepted_nodelay()) != 0
 
 
-def test_cli_help_explains() -> None:
-    result = run_cli("--help")
+@pytest.mark.parametrize(
+    ("command", "prog"),
+    [(PYTHON_M, "python -m mcp_bearer"), (CONSOLE_SCRIPT, "mcp-bearer"), (IMPORTED_MAIN, "python -m mcp_bearer")],
+    ids=["python-m", "console-script", "imported-main"],
+)
+def test_cli_help_explains_and_every_entry_point_refuses_alike(command: tuple[str, ...], prog: str) -> None:
+    result = run_cli("--help", command=command)
     assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: {prog} "), result.stdout  # the name the user typed
     for option in ("--tokens-file", "--exclude", "--required-scope", "--resource", "--authorization-server"):
         assert option in result.stdout
     assert "MCP_BEARER_TOKENS" in result.stdout
+    result = run_cli("--no-such-option", command=command)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["mcp_bearer: error: unrecognized arguments: --no-such-option"]
 
 
 # --- hostile requests: the adversarial table and property-based fuzzing (issue 4) ---------
