@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import argparse
 import contextvars
+import functools
 import hashlib
 import importlib
 import inspect
@@ -35,7 +36,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, ParamSpec
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -67,6 +68,7 @@ logger = logging.getLogger("mcp_bearer")
 # Log messages are constants: nothing a client sends, above all no token, reaches them.
 _LOG_PROVIDER_RAISED = "token provider raised; request refused with 500\n%s"
 _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; request refused with 500"
+_LOG_NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: %s: %s"
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -256,6 +258,28 @@ def _strings(name: str, values: object) -> tuple[str, ...]:
     return tuple(_checked_text(name, v, header=False) for v in values)
 
 
+_P = ParamSpec("_P")
+
+
+def _logged_when_refused(init: Callable[_P, None]) -> Callable[_P, None]:
+    """Log a refused configuration once, then raise it.
+
+    Starlette's ``add_middleware`` builds the middleware at lifespan or at the first
+    request; under uvicorn's default ``lifespan="auto"`` the error then reaches only an
+    INFO line and every request is a 500. Messages name options, never a token.
+    """
+
+    @functools.wraps(init)
+    def logged_init(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            init(*args, **kwargs)
+        except Exception as exc:
+            logger.error(_LOG_NOT_BUILT, type(exc).__name__, exc)
+            raise
+
+    return logged_init
+
+
 class BearerAuthMiddleware:
     """ASGI middleware: requests need a valid ``Authorization: Bearer`` token.
 
@@ -265,6 +289,7 @@ class BearerAuthMiddleware:
     once here so that the per-request path only picks one.
     """
 
+    @_logged_when_refused
     def __init__(
         self,
         app: ASGIApp,
@@ -667,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = _load_app(args.app) if args.app else _demo_app(args.host)
     except ImportError as exc:
         _fail(f"the demo needs the mcp package ({exc}); pip install 'mcp_bearer[demo]'")
+    # A bad option is the one stderr line below; the ERROR record the middleware logs for lazy
+    # builders would print it a second time (logging's last-resort handler writes to stderr).
+    logger.disabled = True
     try:
         guarded = BearerAuthMiddleware(
             app,
@@ -678,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
+    finally:
+        logger.disabled = False
 
     # Bind here, not in uvicorn, so a busy port is one clear line and exit 2.
     try:

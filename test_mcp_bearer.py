@@ -82,6 +82,7 @@ UNAUTHORIZED = {"error": "unauthorized", "error_description": "Authentication re
 INVALID_TOKEN = {"error": "invalid_token", "error_description": "Token is invalid or expired"}
 MALFORMED = {"error": "invalid_request", "error_description": "Malformed Authorization header"}
 SERVER_ERROR = {"error": "server_error", "error_description": "Authentication failed unexpectedly"}
+NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: "
 SESSION_NOT_FOUND = {"error": "session_not_found", "error_description": "Session not found"}
 CHALLENGE_INVALID = 'Bearer error="invalid_token", error_description="Token is invalid or expired"'
 CHALLENGE_MALFORMED = 'Bearer error="invalid_request", error_description="Malformed Authorization header"'
@@ -436,11 +437,16 @@ def test_provider_verify_token_must_be_async() -> None:
         ({"resource": "https://x/mcp", "resource_name": "a\x00b"}, ValueError, "control characters"),
         ({"realm": 'x"\r\ny'}, ValueError, "printable ASCII"),
         ({"authorization_servers": ["https://as"]}, ValueError, "need resource="),
+        ({"exclud_paths": ["/health"]}, TypeError, "unexpected keyword argument 'exclud_paths'"),
     ],
 )
-def test_wrong_configuration_is_refused_clearly(options: dict[str, Any], error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
+def test_wrong_configuration_is_refused_clearly_and_logged(options: dict[str, Any], error: type, match: str) -> None:
+    with mcp_bearer_log() as records, pytest.raises(error, match=match) as refused:
         BearerAuthMiddleware(Harness().app, RecordingProvider(), **options)
+    # Lazy builders (Starlette's add_middleware) can swallow the exception; the ERROR record remains.
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.ERROR, f"{NOT_BUILT}{error.__name__}: {refused.value}")
+    ]
 
 
 def test_app_must_be_callable() -> None:
@@ -643,7 +649,7 @@ def serve(app: Any, listener: socket.socket | None = None, **config: Any) -> Ite
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL; stop it."""
     listener = listener or mcp_bearer._listen("127.0.0.1", 0)
     port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on", **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -2033,6 +2039,45 @@ def test_readme_jwt_provider_checks_signature_audience_and_expiry() -> None:
         assert anyio.run(provider.verify_token, bad) is None
     outcome = Harness(provider).request(bearer(token))
     assert outcome.status == 200 and outcome.app_calls[0][1].claims["sub"] == "alice"  # type: ignore[union-attr]
+
+
+def test_readme_fastapi_add_middleware_serves_its_docs_and_guards_its_routes() -> None:
+    SECRETS.add("sk-abc123")
+    namespace: dict[str, Any] = {"__name__": "fastapi_app"}
+    exec(compile(readme_block("# fastapi_app.py"), "README.md:fastapi_app.py", "exec"), namespace)
+    with serve(namespace["app"]) as base:
+        assert raw_request(base, "GET", "/docs")[0] == 200
+        status, _, body = raw_request(base, "GET", "/openapi.json")  # the docs page fetches it
+        assert status == 200 and "/whoami" in json.loads(body)["paths"]
+        assert raw_request(base, "GET", "/health")[0] == 200
+        assert raw_request(base, "GET", "/whoami")[0] == 401
+        status, _, body = raw_request(base, "GET", "/whoami", {"Authorization": "Bearer sk-abc123"})
+        assert status == 200 and json.loads(body) == {"sub": "alice"}
+
+
+def test_fastapi_with_the_default_excluded_paths_guards_the_schema_its_docs_page_needs() -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.add_middleware(BearerAuthMiddleware, provider=StaticTokenProvider(TOKENS))
+    with serve(app) as base:
+        assert raw_request(base, "GET", "/docs")[0] == 200
+        assert raw_request(base, "GET", "/openapi.json")[0] == 401  # why the README says what to pass
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+def test_add_middleware_with_a_bad_option_is_an_error_record_at_startup(framework: str) -> None:
+    """Starlette builds middleware lazily; uvicorn's lifespan="auto" reports a failing lifespan at INFO only."""
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+
+    app = FastAPI() if framework == "fastapi" else Starlette()
+    app.add_middleware(BearerAuthMiddleware, provider=StaticTokenProvider(TOKENS), max_sessions=0)
+    expected = (logging.ERROR, f"{NOT_BUILT}ValueError: max_sessions must be a positive int, not 0")
+    with mcp_bearer_log() as records, serve(app, lifespan="auto") as base:
+        assert [(r.levelno, r.getMessage()) for r in records] == [expected]  # before any request
+        assert raw_request(base, "GET", "/", {"Authorization": f"Bearer {BOB}"})[0] == 500
+        assert [(r.levelno, r.getMessage()) for r in records] == [expected] * 2  # each retry is logged too
 
 
 def test_module_imports_only_the_standard_library() -> None:
