@@ -25,6 +25,7 @@ import base64
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import hashlib
 import http.client
 import importlib
@@ -46,7 +47,7 @@ import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
@@ -84,6 +85,7 @@ _LOG_PROVIDER_RAISED = "token provider raised; request refused with 500\n%s"
 _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; request refused with 500"
 _LOG_PROVIDER_UNAVAILABLE = "token provider unavailable; request refused with 503, Retry-After %d"
 _LOG_JWKS_FAILED = "JWKS fetch from %s failed (%s); keeping the last good key set, if any"
+_LOG_NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: %s: %s"
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -721,6 +723,28 @@ def _strings(name: str, values: object) -> tuple[str, ...]:
     return tuple(_checked_text(name, v, header=False) for v in values)
 
 
+_P = ParamSpec("_P")
+
+
+def _logged_when_refused(init: Callable[_P, None]) -> Callable[_P, None]:
+    """Log a refused configuration once, then raise it.
+
+    Starlette's ``add_middleware`` builds the middleware at lifespan or at the first
+    request; under uvicorn's default ``lifespan="auto"`` the error then reaches only an
+    INFO line and every request is a 500. Messages name options, never a token.
+    """
+
+    @functools.wraps(init)
+    def logged_init(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            init(*args, **kwargs)
+        except Exception as exc:
+            logger.error(_LOG_NOT_BUILT, type(exc).__name__, exc)
+            raise
+
+    return logged_init
+
+
 class BearerAuthMiddleware:
     """ASGI middleware: requests need a valid ``Authorization: Bearer`` token.
 
@@ -730,6 +754,7 @@ class BearerAuthMiddleware:
     once here so that the per-request path only picks one.
     """
 
+    @_logged_when_refused
     def __init__(
         self,
         app: ASGIApp,
@@ -1180,8 +1205,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: ``mcp-bearer`` (console script) or ``python -m mcp_bearer``."""
+    # Usage names the command the user typed; error lines always start "mcp_bearer: error:".
+    installed = os.path.splitext(os.path.basename(sys.argv[0]))[0] == "mcp-bearer"
     parser = _ArgumentParser(
-        prog="python -m mcp_bearer",
+        prog="mcp-bearer" if installed else "python -m mcp_bearer",
         description="Serve an ASGI app or MCP server behind bearer-token authentication; "
         "without APP, a demo MCP server with a whoami tool. Tokens come from --tokens-file, "
         "else MCP_BEARER_TOKENS (comma-separated), else one random token printed once.",
@@ -1258,6 +1286,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = _load_app(args.app) if args.app else _demo_app(args.host)
     except ImportError as exc:
         _fail(f"the demo needs the mcp package ({exc}); pip install 'mcp_bearer[demo]'")
+    # A bad option is the one stderr line below; the ERROR record the middleware logs for lazy
+    # builders would print it a second time (logging's last-resort handler writes to stderr).
+    logger.disabled = True
     try:
         guarded = BearerAuthMiddleware(
             app,
@@ -1269,6 +1300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
+    finally:
+        logger.disabled = False
 
     # Bind here, not in uvicorn, so a busy port is one clear line and exit 2.
     try:
@@ -1285,4 +1318,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m mcp_bearer` runs this file as __main__, a copy of the module beside the one a user's
+    # server imports: a middleware from here would set another context variable, with another
+    # AccessToken class, than the tools read. Use only the real module.
+    import mcp_bearer
+
+    mcp_bearer.main()

@@ -87,6 +87,7 @@ UNAUTHORIZED = {"error": "unauthorized", "error_description": "Authentication re
 INVALID_TOKEN = {"error": "invalid_token", "error_description": "Token is invalid or expired"}
 MALFORMED = {"error": "invalid_request", "error_description": "Malformed Authorization header"}
 SERVER_ERROR = {"error": "server_error", "error_description": "Authentication failed unexpectedly"}
+NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: "
 SESSION_NOT_FOUND = {"error": "session_not_found", "error_description": "Session not found"}
 CHALLENGE_INVALID = 'Bearer error="invalid_token", error_description="Token is invalid or expired"'
 CHALLENGE_MALFORMED = 'Bearer error="invalid_request", error_description="Malformed Authorization header"'
@@ -441,11 +442,16 @@ def test_provider_verify_token_must_be_async() -> None:
         ({"resource": "https://x/mcp", "resource_name": "a\x00b"}, ValueError, "control characters"),
         ({"realm": 'x"\r\ny'}, ValueError, "printable ASCII"),
         ({"authorization_servers": ["https://as"]}, ValueError, "need resource="),
+        ({"exclud_paths": ["/health"]}, TypeError, "unexpected keyword argument 'exclud_paths'"),
     ],
 )
-def test_wrong_configuration_is_refused_clearly(options: dict[str, Any], error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
+def test_wrong_configuration_is_refused_clearly_and_logged(options: dict[str, Any], error: type, match: str) -> None:
+    with mcp_bearer_log() as records, pytest.raises(error, match=match) as refused:
         BearerAuthMiddleware(Harness().app, RecordingProvider(), **options)
+    # Lazy builders (Starlette's add_middleware) can swallow the exception; the ERROR record remains.
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.ERROR, f"{NOT_BUILT}{error.__name__}: {refused.value}")
+    ]
 
 
 def test_app_must_be_callable() -> None:
@@ -648,7 +654,7 @@ def serve(app: Any, listener: socket.socket | None = None, **config: Any) -> Ite
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL; stop it."""
     listener = listener or mcp_bearer._listen("127.0.0.1", 0)
     port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on", **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -1457,13 +1463,20 @@ def test_an_app_without_the_sse_transport_keeps_its_own_session_id_parameter() -
 # --- the command line ------------------------------------------------------------
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+# The ways a user starts the command line; each must give one mcp_bearer module, the one their server imports.
+PYTHON_M = (sys.executable, "-m", "mcp_bearer")
+# pip installs the console script next to the interpreter; CI installs the package, so it must be there.
+CONSOLE_SCRIPT = (os.path.join(os.path.dirname(sys.executable), "mcp-bearer"),)
+IMPORTED_MAIN = (sys.executable, "-c", "import sys, mcp_bearer; mcp_bearer.main(sys.argv[1:])")
 
 
 @contextlib.contextmanager
-def cli_server(*args: str, env: dict[str, str] | None = None, cwd: str = REPO) -> Iterator[tuple[str, list[str]]]:
-    """Run ``python -m mcp_bearer --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it."""
+def cli_server(
+    *args: str, env: dict[str, str] | None = None, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M
+) -> Iterator[tuple[str, list[str]]]:
+    """Run ``COMMAND --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "mcp_bearer", "--port", "0", *args],
+        [*command, "--port", "0", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
         stdout=subprocess.PIPE,
@@ -1486,9 +1499,9 @@ def cli_server(*args: str, env: dict[str, str] | None = None, cwd: str = REPO) -
         process.wait(20)
 
 
-def run_cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mcp_bearer", *args],
+        [*command, *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": REPO, "MCP_BEARER_TOKENS": ""},
         capture_output=True,
@@ -1544,6 +1557,59 @@ def test_cli_serves_any_asgi_app_with_every_option(tmp_path: Any) -> None:
             'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"'
             in (raw_request(base, "GET", "/x")[1]["www-authenticate"])
         )
+
+
+# The user's own module imports mcp_bearer; if the command line ran a second copy of the module as
+# __main__, the middleware would set one context variable and the tools read another: every caller None.
+USER_SERVER = """\
+import asyncio
+import hashlib
+
+from mcp_bearer import get_access_token
+{server_import}
+
+server = Server("user")
+
+
+def caller() -> dict:
+    token = get_access_token()
+    if token is None:
+        return {{"token": None, "claims": None}}
+    # A digest, not the token: tool results reach DEBUG logs.
+    return {{"token": hashlib.sha256(token.token.encode()).hexdigest()[:16], "claims": token.claims}}
+
+
+@server.tool()
+def whoami() -> dict:
+    return caller()
+
+
+@server.tool()
+async def whoami_async() -> dict:
+    await asyncio.sleep(0)
+    return caller()
+"""
+SERVER_IMPORT = {
+    2: "from mcp.server.mcpserver import MCPServer as Server",
+    1: "from mcp.server.fastmcp import FastMCP as Server",
+}
+ENTRY_POINTS = pytest.mark.parametrize(
+    "command", [PYTHON_M, CONSOLE_SCRIPT, IMPORTED_MAIN], ids=["python-m", "console-script", "imported-main"]
+)
+
+
+@pytest.mark.anyio
+@ENTRY_POINTS
+async def test_cli_tools_of_a_user_module_see_their_own_caller(command: tuple[str, ...], tmp_path: Any) -> None:
+    (tmp_path / "user_server.py").write_text(USER_SERVER.format(server_import=SERVER_IMPORT[MCP_MAJOR]))
+    (tmp_path / "tokens.json").write_text(json.dumps({ALICE_1: TOKENS[ALICE_1], BOB: TOKENS[BOB]}))
+    args = ("user_server:server", "--tokens-file", "tokens.json")
+    with cli_server(*args, cwd=str(tmp_path), command=command) as (base, _):
+        async with mcp_session(base + "/mcp", ALICE_1) as (alice, _), mcp_session(base + "/mcp", BOB) as (bob, _):
+            for tool in ("whoami", "whoami_async", "whoami"):
+                for session, token in ((alice, ALICE_1), (bob, BOB)):
+                    expected = {"token": fingerprint(token), "claims": TOKENS[token]}
+                    assert await call_json(session, tool) == expected, (tool, TOKENS[token]["sub"])
 
 
 @pytest.fixture
@@ -1610,12 +1676,21 @@ def test_cli_listener_lets_asyncio_turn_nagle_off() -> None:
     assert asyncio.run(accepted_nodelay()) != 0
 
 
-def test_cli_help_explains() -> None:
-    result = run_cli("--help")
+@pytest.mark.parametrize(
+    ("command", "prog"),
+    [(PYTHON_M, "python -m mcp_bearer"), (CONSOLE_SCRIPT, "mcp-bearer"), (IMPORTED_MAIN, "python -m mcp_bearer")],
+    ids=["python-m", "console-script", "imported-main"],
+)
+def test_cli_help_explains_and_every_entry_point_refuses_alike(command: tuple[str, ...], prog: str) -> None:
+    result = run_cli("--help", command=command)
     assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: {prog} "), result.stdout  # the name the user typed
     for option in ("--tokens-file", "--exclude", "--required-scope", "--resource", "--authorization-server"):
         assert option in result.stdout
     assert "MCP_BEARER_TOKENS" in result.stdout
+    result = run_cli("--no-such-option", command=command)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["mcp_bearer: error: unrecognized arguments: --no-such-option"]
 
 
 # --- hostile requests: the adversarial table and property-based fuzzing (issue 4) ---------
@@ -2134,6 +2209,45 @@ def test_readme_jwt_provider_checks_signature_audience_and_expiry() -> None:
         assert anyio.run(provider.verify_token, bad) is None
     outcome = Harness(provider).request(bearer(token))
     assert outcome.status == 200 and outcome.app_calls[0][1].claims["sub"] == "alice"  # type: ignore[union-attr]
+
+
+def test_readme_fastapi_add_middleware_serves_its_docs_and_guards_its_routes() -> None:
+    SECRETS.add("sk-abc123")
+    namespace: dict[str, Any] = {"__name__": "fastapi_app"}
+    exec(compile(readme_block("# fastapi_app.py"), "README.md:fastapi_app.py", "exec"), namespace)
+    with serve(namespace["app"]) as base:
+        assert raw_request(base, "GET", "/docs")[0] == 200
+        status, _, body = raw_request(base, "GET", "/openapi.json")  # the docs page fetches it
+        assert status == 200 and "/whoami" in json.loads(body)["paths"]
+        assert raw_request(base, "GET", "/health")[0] == 200
+        assert raw_request(base, "GET", "/whoami")[0] == 401
+        status, _, body = raw_request(base, "GET", "/whoami", {"Authorization": "Bearer sk-abc123"})
+        assert status == 200 and json.loads(body) == {"sub": "alice"}
+
+
+def test_fastapi_with_the_default_excluded_paths_guards_the_schema_its_docs_page_needs() -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.add_middleware(BearerAuthMiddleware, provider=StaticTokenProvider(TOKENS))
+    with serve(app) as base:
+        assert raw_request(base, "GET", "/docs")[0] == 200
+        assert raw_request(base, "GET", "/openapi.json")[0] == 401  # why the README says what to pass
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+def test_add_middleware_with_a_bad_option_is_an_error_record_at_startup(framework: str) -> None:
+    """Starlette builds middleware lazily; uvicorn's lifespan="auto" reports a failing lifespan at INFO only."""
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+
+    app = FastAPI() if framework == "fastapi" else Starlette()
+    app.add_middleware(BearerAuthMiddleware, provider=StaticTokenProvider(TOKENS), max_sessions=0)
+    expected = (logging.ERROR, f"{NOT_BUILT}ValueError: max_sessions must be a positive int, not 0")
+    with mcp_bearer_log() as records, serve(app, lifespan="auto") as base:
+        assert [(r.levelno, r.getMessage()) for r in records] == [expected]  # before any request
+        assert raw_request(base, "GET", "/", {"Authorization": f"Bearer {BOB}"})[0] == 500
+        assert [(r.levelno, r.getMessage()) for r in records] == [expected] * 2  # each retry is logged too
 
 
 def test_module_imports_only_the_standard_library() -> None:
