@@ -25,6 +25,7 @@ import base64
 import concurrent.futures
 import contextlib
 import contextvars
+import copy
 import functools
 import hashlib
 import http.client
@@ -48,7 +49,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote_plus, unquote, urlencode, urlsplit
 
 __all__ = [
     "DEFAULT_EXCLUDED_PATHS",
@@ -56,8 +57,11 @@ __all__ = [
     "AuthenticationError",
     "BearerAuthMiddleware",
     "BearerAuthProvider",
+    "CachedProvider",
     "InsufficientScopeError",
+    "IntrospectionProvider",
     "JWTProvider",
+    "ProviderChain",
     "ProviderUnavailable",
     "StaticTokenProvider",
     "get_access_token",
@@ -80,11 +84,14 @@ _MAX_SSE_PREAMBLE = 4096  # bytes of an event stream read for its endpoint event
 _MAX_MESSAGE_PATHS = 64
 
 logger = logging.getLogger("mcp_bearer")
+_audit_logger = logging.getLogger("mcp_bearer.audit")
 # Log messages are constants: nothing a client sends, above all no token, reaches them.
 _LOG_PROVIDER_RAISED = "token provider raised; request refused with 500\n%s"
 _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; request refused with 500"
-_LOG_PROVIDER_UNAVAILABLE = "token provider unavailable; request refused with 503, Retry-After %d"
+_LOG_PROVIDER_UNAVAILABLE = "token provider unavailable (%s); request refused with 503, Retry-After %d"
 _LOG_JWKS_FAILED = "JWKS fetch from %s failed (%s); keeping the last good key set, if any"
+# The path is quoted (%r) so that an encoded CR or LF in it cannot forge a line of the trail.
+_LOG_AUDIT = "%s: %s %r from %s, principal %s"
 _LOG_NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: %s: %s"
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -622,6 +629,205 @@ class JWTProvider(BearerAuthProvider):
             logger.warning(_LOG_JWKS_FAILED, self._jwks_url, f"{type(exc).__name__}: {exc}")
 
 
+# --- opaque tokens, caching, chains ---------------------------------------------
+
+
+def _verifier(name: str, provider: object) -> Callable[[str], Awaitable[AccessToken | None]]:
+    """``provider.verify_token``, which must be a coroutine function: the middleware awaits it."""
+    verify = getattr(provider, "verify_token", None)
+    if not inspect.iscoroutinefunction(verify):
+        raise TypeError(f"{name}: {type(provider).__name__}.verify_token must be an async method (async def ...)")
+    return verify
+
+
+class IntrospectionProvider(BearerAuthProvider):
+    """Opaque tokens, checked at the authorization server's introspection endpoint (RFC 7662).
+
+    Each call POSTs the token with this server's client credentials (RFC 7662 section 2.1;
+    RFC 6749 section 2.3.1). ``"active": true`` is an :class:`AccessToken` carrying the
+    response as claims; ``"active": false``, or an ``aud`` without ``audience``, is None.
+    No usable answer (network error, timeout, a status other than 200, a body that is not
+    a JSON object or is over 1 MiB) raises :class:`ProviderUnavailable`: the token may be
+    fine, so it is neither a 401 nor a pass. Wrap it in :class:`CachedProvider`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str,
+        client_secret: str,
+        audience: str | None = None,
+        auth_method: str = "client_secret_basic",
+        timeout: float = 5.0,
+    ) -> None:
+        self._url = _checked_endpoint("url", url)
+        for name, value in (("client_id", client_id), ("client_secret", client_secret)):
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{name} must be a non-empty str")  # never the value: it may be the secret
+        if audience is not None and (not isinstance(audience, str) or not audience):
+            raise TypeError("audience must be a non-empty str or None")
+        self._audience = audience
+        self._timeout = _seconds("timeout", timeout)
+        self._headers = {"accept": "application/json", "content-type": "application/x-www-form-urlencoded"}
+        self._credentials: dict[str, str] = {}  # the secret's only home; __repr__ leaves it out
+        if auth_method == "client_secret_basic":  # RFC 6749 2.3.1: each part form-encoded, then Basic
+            pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
+            self._headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
+        elif auth_method == "client_secret_post":
+            self._credentials = {"client_id": client_id, "client_secret": client_secret}
+        else:
+            raise ValueError(f"auth_method must be 'client_secret_basic' or 'client_secret_post', not {auth_method!r}")
+        self._client_id = client_id
+
+    def __repr__(self) -> str:  # never the secret
+        return f"IntrospectionProvider({self._url!r}, client_id={self._client_id!r}, audience={self._audience!r})"
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        form = urlencode({"token": token, "token_type_hint": "access_token", **self._credentials}).encode()
+        try:
+            status, body = await _http_call(self._url, body=form, headers=self._headers, timeout=self._timeout)
+        except OSError as exc:  # its message names the failure, never the form or the headers
+            raise ProviderUnavailable(f"introspection endpoint unreachable: {exc}") from None
+        if status != 200:
+            raise ProviderUnavailable(f"introspection endpoint answered HTTP {status}")
+        try:
+            answer = json.loads(body)
+        except ValueError:  # UnicodeDecodeError and RecursionError's cousins included
+            answer = None
+        scope, expires = (answer.get("scope", ""), answer.get("exp")) if isinstance(answer, dict) else (None, None)
+        if not isinstance(scope, str) or not (expires is None or _is_number(expires)):
+            raise ProviderUnavailable("introspection endpoint answered something other than an RFC 7662 response")
+        assert isinstance(answer, dict)
+        if answer.get("active") is not True:  # RFC 7662 2.2: only the JSON literal true is active
+            return None
+        if self._audience is not None:
+            audience = answer.get("aud")
+            if not (audience == self._audience or (isinstance(audience, list) and self._audience in audience)):
+                return None  # RFC 7662 section 4: a token issued for another resource server
+        return AccessToken(token, answer, scope.split(), None if expires is None else float(expires))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _own_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy no other request shares: nested lists and dicts (roles, groups) copied too."""
+    return {k: copy.deepcopy(v) if isinstance(v, (dict, list)) else v for k, v in claims.items()}
+
+
+def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
+    """Another request's verdict, for this request: its own AccessToken and claims."""
+    if not isinstance(shared, AccessToken):
+        return shared  # None, or a wrong type the middleware answers with 500
+    return AccessToken(token, _own_claims(shared.claims), list(shared.scopes), shared.expires_at)
+
+
+class CachedProvider(BearerAuthProvider):
+    """Remembers another provider's verdicts, so that a token service is asked once per token per ``ttl``.
+
+    - Never past the token's own ``expires_at``; a token already expired is not kept.
+    - ``negative_ttl > 0`` also remembers "no" that long (a bad token hammering the service).
+    - Keyed by the token's SHA-256 digest; entries hold claims, never the token, and each
+      request gets its own :class:`AccessToken` and its own copy of the claims.
+    - Concurrent first requests for one token share one call (single flight).
+    - Exceptions (:class:`ProviderUnavailable` included) are never kept.
+    - At most ``max_entries``, oldest first. ``invalidate(token)`` forgets one (revocation), ``clear()`` all.
+    """
+
+    def __init__(
+        self, provider: BearerAuthProvider, *, ttl: float = 300.0, negative_ttl: float = 0.0, max_entries: int = 10_000
+    ) -> None:
+        self._verify = _verifier("provider", provider)
+        self._ttl = _seconds("ttl", ttl)
+        self._negative_ttl = _seconds("negative_ttl", negative_ttl, zero=True)
+        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
+        self._max_entries = max_entries
+        # digest -> (monotonic deadline, (claims, scopes, expires_at) or None for "no")
+        self._entries: dict[bytes, tuple[float, tuple[dict[str, Any], list[str], float | None] | None]] = {}
+        self._flights: dict[bytes, concurrent.futures.Future[AccessToken | None]] = {}
+        self._generation = 0  # bumped by invalidate/clear: a verdict begun before them is not kept
+
+    def __repr__(self) -> str:
+        return f"CachedProvider({len(self._entries)} entries, ttl={self._ttl}, negative_ttl={self._negative_ttl})"
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        key = _digest(token)
+        entry = self._entries.get(key)
+        if entry is not None:
+            deadline, verdict = entry
+            if time.monotonic() < deadline:
+                return None if verdict is None else AccessToken(token, _own_claims(verdict[0]), *verdict[1:])
+            del self._entries[key]
+        while (flight := self._flights.get(key)) is not None:
+            with contextlib.suppress(concurrent.futures.CancelledError):  # its caller went away: ask ourselves
+                return _own_access(token, await _result(flight))
+        flight = self._flights[key] = concurrent.futures.Future()
+        generation = self._generation
+        try:
+            access = await self._verify(token)
+        except Exception as exc:  # shared with the requests waiting on this flight, never kept
+            flight.set_exception(exc)
+            raise
+        except BaseException:  # this caller was cancelled: the waiters ask for themselves
+            flight.cancel()
+            raise
+        finally:
+            del self._flights[key]
+        if generation == self._generation:
+            self._keep(key, access)
+        flight.set_result(access)
+        return access
+
+    def _keep(self, key: bytes, access: AccessToken | None) -> None:
+        if access is None:
+            ttl, verdict = self._negative_ttl, None
+        elif isinstance(access, AccessToken):
+            ttl = self._ttl
+            if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
+                left = access.expires_at - time.time()
+                ttl = min(ttl, left) if left > 0 else 0
+            verdict = (_own_claims(access.claims), list(access.scopes), access.expires_at)
+        else:
+            return  # not a verdict: the middleware answers it with 500
+        if ttl > 0:
+            self._entries[key] = (time.monotonic() + ttl, verdict)
+            if len(self._entries) > self._max_entries:
+                del self._entries[next(iter(self._entries))]
+
+    def invalidate(self, token: str) -> None:
+        """Forget one token's verdict (say, it was revoked); a verdict being fetched now is not kept either."""
+        self._entries.pop(_digest(token), None)
+        self._generation += 1
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._generation += 1
+
+
+class ProviderChain(BearerAuthProvider):
+    """Several token sources in order (API keys, then JWTs, ...): the first :class:`AccessToken` wins.
+
+    ``None`` moves on to the next provider. An exception stops the chain and reaches the
+    middleware (500, or 503 for :class:`ProviderUnavailable`): a broken provider is never
+    silently skipped.
+    """
+
+    def __init__(self, *providers: BearerAuthProvider) -> None:
+        if not providers:
+            raise ValueError("ProviderChain needs at least one provider")
+        self._verifiers = [_verifier(f"provider #{n}", p) for n, p in enumerate(providers, 1)]
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        for verify in self._verifiers:
+            access = await verify(token)
+            if access is not None:
+                return access
+        return None
+
+
 # --- context helpers ----------------------------------------------------------
 
 _current_token: contextvars.ContextVar[AccessToken | None] = contextvars.ContextVar(
@@ -771,12 +977,11 @@ class BearerAuthMiddleware:
         bind_sessions: bool = True,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         allow_cors_preflight: bool = True,
+        audit: bool = False,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI callable, not {type(app).__name__}")
-        verify = getattr(provider, "verify_token", None)
-        if not inspect.iscoroutinefunction(verify):
-            raise TypeError(f"{type(provider).__name__}.verify_token must be an async method (async def verify_token)")
+        verify = _verifier("provider", provider)
         for name, number in (("max_token_length", max_token_length), ("max_sessions", max_sessions)):
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 raise ValueError(f"{name} must be a positive int, not {number!r}")
@@ -803,6 +1008,9 @@ class BearerAuthMiddleware:
         self._message_paths: set[str] = set()
         self._max_sessions = max_sessions
         self._allow_cors_preflight = allow_cors_preflight
+        if not isinstance(audit, bool):
+            raise TypeError(f"audit must be True or False, not {type(audit).__name__}")
+        self._audit = audit
 
         # RFC 9728 section 5.1: challenges point at the metadata; section 3.1: the
         # well-known suffix goes between host and path of the resource identifier.
@@ -900,23 +1108,24 @@ class BearerAuthMiddleware:
                     session_id_count += 1
 
         if authorization is None:
-            return await self._respond(scope, send, self._unauthorized)
+            return await self._refuse(scope, send, self._unauthorized)
         if authorization_count > 1:  # which one would the app trust? Refuse rather than guess.
-            return await self._respond(scope, send, self._malformed)
+            return await self._refuse(scope, send, self._malformed)
         credentials = _BEARER_CREDENTIALS.fullmatch(authorization)
         if credentials is None:
-            return await self._respond(scope, send, self._refusal_for(authorization))
+            return await self._refuse(scope, send, self._refusal_for(authorization))
         token_bytes: bytes = credentials[1]
-        if len(token_bytes) > self._max_token_length:
-            return await self._respond(scope, send, self._invalid_token)
         token = token_bytes.decode("ascii")
+        if len(token_bytes) > self._max_token_length:
+            return await self._refuse(scope, send, self._invalid_token, token)
 
+        access = None
         try:
             access = await self._verify(token)
             refusal = self._judge(access)
         except ProviderUnavailable as exc:
             seconds = _retry_after(exc.retry_after)
-            logger.warning(_LOG_PROVIDER_UNAVAILABLE, seconds)
+            logger.warning(_LOG_PROVIDER_UNAVAILABLE, str(exc).replace(token, "[token]"), seconds)
             status, headers, body = self._unavailable
             refusal = (status, (*headers, (b"retry-after", b"%d" % seconds)), body)
         except Exception as exc:
@@ -926,7 +1135,7 @@ class BearerAuthMiddleware:
             logger.error(_LOG_PROVIDER_RAISED, text.replace(token, "[token]"))
             refusal = self._server_error
         if refusal is not None:  # sent outside the try: a failing send is the server's error, not the provider's
-            return await self._respond(scope, send, refusal)
+            return await self._refuse(scope, send, refusal, token, access)
         assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
 
         stream: list[str] = []  # the legacy SSE session this request's stream opens, once seen
@@ -936,17 +1145,19 @@ class BearerAuthMiddleware:
                 # belongs to the principal that opened the stream (as the SDK's own auth has it).
                 key = _sse_session_key(scope.get("query_string", b""))
                 if key is not None and self._sessions.get(key) != _principal(access, token):
-                    return await self._respond(scope, send, self._session_not_found)
+                    return await self._refuse(scope, send, self._session_not_found, token, access)
             if session_id is not None:
                 # MCP spec: a session never stands in for authentication; it belongs to its creator.
                 if session_id_count > 1 or self._sessions.get(session_id) != _principal(access, token):
-                    return await self._respond(scope, send, self._session_not_found)
+                    return await self._refuse(scope, send, self._session_not_found, token, access)
                 send = self._ending_send(send, session_id, method == "DELETE")
             elif method == "POST":  # only an initialize POST creates a session
                 send = self._binding_send(send, access, token)
             elif method == "GET":  # a GET may open a legacy SSE stream, whose first event names its session
                 send = self._stream_send(send, scope, _principal(access, token), stream)
 
+        if self._audit:
+            self._audit_decision(scope, None, token, access)
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
@@ -1051,6 +1262,31 @@ class BearerAuthMiddleware:
             self._message_paths = (
                 {"/"} if len(self._message_paths) >= _MAX_MESSAGE_PATHS else {*self._message_paths, path}
             )
+
+    async def _refuse(
+        self, scope: Scope, send: Send, refusal: _Response, token: str | None = None, access: object = None
+    ) -> None:
+        if self._audit:
+            self._audit_decision(scope, refusal, token, access)
+        await self._respond(scope, send, refusal)
+
+    def _audit_decision(self, scope: Scope, refusal: _Response | None, token: str | None, access: object) -> None:
+        """One INFO record on ``mcp_bearer.audit``: who asked for what, and the answer. Never the token."""
+        status, error = (None, None) if refusal is None else (refusal[0], json.loads(refusal[2])["error"])
+        client = scope.get("client")
+        claims = access.claims if isinstance(access, AccessToken) and isinstance(access.claims, Mapping) else {}
+        subject = claims.get("sub")
+        fields = {
+            "outcome": "allowed" if refusal is None else f"{status} {error}",
+            "status": status,
+            "error": error,
+            "method": scope.get("method", "WEBSOCKET"),
+            "path": scope["path"],
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "principal": subject if isinstance(subject, str) and subject else token and _digest(token).hex()[:12],
+        }
+        values = (fields["outcome"], fields["method"], fields["path"], fields["client"], fields["principal"])
+        _audit_logger.info(_LOG_AUDIT, *values, extra={"mcp_bearer": fields})
 
     async def _respond(self, scope: Scope, send: Send, response: _Response) -> None:
         status, headers, body = response
