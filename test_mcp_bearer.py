@@ -819,8 +819,9 @@ def test_e2e_app_mounted_under_a_prefix_or_root_path_is_protected() -> None:
 
 # --- the same app under every ASGI server we support ----------------------------
 # A server, not the middleware, turns ASGI messages into bytes on the wire: the challenge, the
-# websocket refusal and the per-request identity must survive each one. Every server here runs in
-# this process on a free loopback port, so its log records join the suite-wide secret scan.
+# websocket refusal and the per-request identity must survive each one. Each runs on a free loopback
+# port; uvicorn and hypercorn in this process, so their log records join the suite-wide secret scan,
+# granian in its own, whose output is scanned for tokens when it stops.
 
 SERVERS = ["uvicorn", "hypercorn-asyncio", "hypercorn-trio", "granian"]
 
