@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
+import importlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import socket
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -35,6 +37,8 @@ from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from pydantic import BaseModel
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 import mcp_bearer
 from mcp_bearer import (
@@ -822,6 +826,348 @@ def test_e2e_app_mounted_under_a_prefix_or_root_path_is_protected() -> None:
         assert raw_request(base, "GET", "/health")[2] == b"/api/health"
         assert raw_request(base, "GET", "/HEALTH")[0] == 401
         assert raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {BOB}"})[2] == b"/api/mcp"
+
+
+# --- the same app under every ASGI server we support ----------------------------
+# A server, not the middleware, turns ASGI messages into bytes on the wire: the challenge, the
+# websocket refusal and the per-request identity must survive each one. Each runs on a free loopback
+# port; uvicorn and hypercorn in this process, so their log records join the suite-wide secret scan,
+# granian in its own, whose output is scanned for tokens when it stops.
+
+SERVERS = ["uvicorn", "hypercorn-asyncio", "hypercorn-trio", "granian"]
+
+
+def announcing_startup(app: Any, started: threading.Event) -> Any:
+    """Sets ``started`` once the app has answered lifespan startup (or turned lifespan down)."""
+
+    async def announce(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def observed(message: Any) -> None:
+            await send(message)
+            if message["type"].startswith("lifespan.startup."):
+                started.set()
+
+        try:
+            await app(scope, receive, observed)
+        finally:
+            started.set()
+
+    return announce
+
+
+def wait_until_serving(port: int, started: threading.Event, thread: threading.Thread, name: str) -> None:
+    deadline = time.monotonic() + 20
+    while not started.wait(0.01):
+        assert thread.is_alive() and time.monotonic() < deadline, f"{name} did not start"
+    while True:  # granian's worker opens its listener after lifespan startup
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert thread.is_alive() and time.monotonic() < deadline, f"{name} does not accept connections"
+            time.sleep(0.01)
+
+
+ServerStop = list[Callable[[], None]]  # filled by the server's event loop once it can be stopped
+
+
+@contextlib.contextmanager
+def server_thread(name: str, run: Callable[[], None], stops: ServerStop) -> Iterator[threading.Thread]:
+    """Run a server's event loop in a thread; stop it and wait for it on the way out, failure or not."""
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        if thread.is_alive() and stops:
+            stops[0]()
+        thread.join(20)
+        assert not thread.is_alive(), f"{name} did not stop"
+
+
+@contextlib.contextmanager
+def serve_hypercorn(app: Any, worker_class: str) -> Iterator[str]:
+    """hypercorn.asyncio.serve or hypercorn.trio.serve, each in a thread with its own event loop."""
+    import trio
+    from hypercorn.asyncio import serve as serve_asyncio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as serve_trio
+
+    listener = mcp_bearer._listen("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here and closes it
+    config.errorlog = logging.getLogger("hypercorn.error")  # into the suite's log capture, not stderr
+    config.graceful_timeout = 1
+    started = threading.Event()
+    app = announcing_startup(app, started)
+    stops: ServerStop = []
+
+    async def on_trio() -> None:
+        token, shutdown = trio.lowlevel.current_trio_token(), trio.Event()
+        stops.append(lambda: trio.from_thread.run_sync(shutdown.set, trio_token=token))
+        await serve_trio(app, config, shutdown_trigger=shutdown.wait)
+
+    async def on_asyncio() -> None:
+        loop, shutdown = asyncio.get_running_loop(), asyncio.Event()
+        stops.append(lambda: loop.call_soon_threadsafe(shutdown.set))
+        await serve_asyncio(app, config, shutdown_trigger=shutdown.wait)
+
+    run = (lambda: trio.run(on_trio)) if worker_class == "trio" else (lambda: asyncio.run(on_asyncio()))
+    with server_thread(f"hypercorn ({worker_class})", run, stops) as thread:
+        wait_until_serving(port, started, thread, f"hypercorn ({worker_class})")
+        yield f"http://127.0.0.1:{port}"
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def answers_http(base: str, process: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Whether the server at ``base`` answers HTTP at all; False once ``process`` has exited."""
+    host, port = base.removeprefix("http://").split(":")
+    while process.poll() is None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=1)
+        try:
+            connection.request("GET", "/")
+            connection.getresponse().read()
+            return True
+        except OSError:
+            assert time.monotonic() < deadline, "granian did not start"
+            time.sleep(0.05)
+        finally:
+            connection.close()
+    return False
+
+
+@contextlib.contextmanager
+def serve_granian(factory: str) -> Iterator[str]:
+    """``python -m granian --interface asgi --factory MODULE:FACTORY``, as users run it, in its own process.
+
+    Not granian's embedded server: its Rust threads sometimes abort the interpreter at exit (about one
+    run in ten here), which would take the test run with them. Granian binds by host and port only, so
+    the port is picked free and the start retried if another process took it in between.
+    """
+    with tempfile.TemporaryFile() as output:
+        for _attempt in range(3):
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            command = ["--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port), factory]
+            process = subprocess.Popen(
+                [sys.executable, "-m", "granian", *command],
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": REPO},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                if answers_http(base, process, time.monotonic() + 30):
+                    break
+            except BaseException:
+                process.kill()
+                process.wait()
+                raise
+        else:
+            output.seek(0)
+            pytest.fail(f"granian did not start on any of three free ports:\n{output.read().decode()}")
+        try:
+            yield base
+        finally:
+            process.terminate()
+            process.wait(20)
+            output.seek(0)
+            logged = output.read().decode(errors="replace")
+            assert not [s[:8] for s in SECRETS if s in logged], "granian's output holds a token"
+
+
+@contextlib.contextmanager
+def serve_with(server: str, app: Any) -> Iterator[str]:
+    """Serve an ASGI app, lifespan included, with ``server`` (one of SERVERS); yield its base URL; stop it.
+
+    ``app`` is an ASGI app or ``"MODULE:FACTORY"``, a function that builds one; granian needs the latter,
+    since it runs in a process of its own.
+    """
+    if server == "granian":
+        if not isinstance(app, str):
+            raise TypeError("granian runs in its own process: pass 'MODULE:FACTORY', not an app object")
+        with serve_granian(app) as base:
+            yield base
+        return
+    if isinstance(app, str):
+        module, _, factory = app.partition(":")
+        app = getattr(importlib.import_module(module), factory)()
+    if server == "uvicorn":
+        with serve(app) as base:
+            yield base
+    elif server in ("hypercorn-asyncio", "hypercorn-trio"):
+        with serve_hypercorn(app, server.removeprefix("hypercorn-")) as base:
+            yield base
+    else:
+        raise ValueError(f"unknown server {server!r}; one of {SERVERS}")
+
+
+async def echo_with_caller(websocket: Any) -> None:
+    """A websocket endpoint next to the MCP app: echoes one message, prefixed with the caller's ``sub``."""
+    await websocket.accept()
+    message = await websocket.receive_text()
+    await websocket.send_text(f"{require_auth().claims['sub']}: {message}")
+    await websocket.close()
+
+
+NO_EXTENSION = "/no-extension"  # websocket paths under here reach the middleware as from an older server
+
+
+def without_websocket_http_response(app: Any) -> Any:
+    """Hides the ``websocket.http.response`` extension from websockets under NO_EXTENSION.
+
+    All four servers offer it; this shows on each real server what a client gets where a server does not.
+    """
+
+    async def hide(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"].startswith(NO_EXTENSION + "/"):
+            extensions = dict(scope.get("extensions") or {})
+            extensions.pop("websocket.http.response", None)
+            scope = {**scope, "path": scope["path"].removeprefix(NO_EXTENSION), "extensions": extensions}
+        await app(scope, receive, send)
+
+    return hide
+
+
+def mcp_and_websocket_app() -> Any:
+    """The SDK's streamable HTTP app and a websocket route in one Starlette app, as users combine them.
+
+    Starlette runs no lifespan of a mounted app, and the SDK starts its session manager in its own
+    (on mcp 1.x and 2.x alike); the outer app must run the inner one's, or every MCP request fails.
+    """
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, WebSocketRoute
+
+    mcp = mcp_app(whoami, whoami_async)
+    return Starlette(
+        routes=[WebSocketRoute("/ws", echo_with_caller), Mount("/", mcp)],
+        lifespan=lambda _: mcp.router.lifespan_context(mcp),
+    )
+
+
+def served_app() -> Any:
+    """What every server serves: the SDK app and a websocket route behind the middleware."""
+    return without_websocket_http_response(BearerAuthMiddleware(mcp_and_websocket_app(), RecordingProvider()))
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def served(request: pytest.FixtureRequest) -> Iterator[str]:
+    with serve_with(request.param, f"{__name__}:served_app") as base:
+        yield base
+
+
+def websocket_connect(base: str, path: str, token: str | None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # The client logs its own request headers at DEBUG; that logger stays out of the secret scan,
+    # the servers' own websocket loggers stay in it.
+    return connect(
+        "ws" + base.removeprefix("http") + path, additional_headers=headers, open_timeout=10, logger=CLIENT_LOG
+    )
+
+
+CLIENT_LOG = logging.getLogger("test.websocket-client")
+CLIENT_LOG.propagate = False
+
+
+def test_servers_no_token_is_401_with_a_bearer_challenge(served: str) -> None:
+    status, headers, body = raw_request(served, "POST", "/mcp", MCP_POST_HEADERS, INITIALIZE)
+    assert (status, json.loads(body)) == (401, UNAUTHORIZED)
+    assert headers["www-authenticate"] == "Bearer" and headers["content-type"] == "application/json"
+    assert "mcp-session-id" not in headers
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tool", ["whoami", "whoami_async"])
+async def test_servers_sdk_client_sees_its_claims(served: str, tool: str) -> None:
+    async with mcp_session(served + "/mcp", BOB) as (session, _):
+        assert await call_json(session, tool) == {"token": fingerprint(BOB), "claims": TOKENS[BOB]}
+
+
+@pytest.mark.anyio
+async def test_servers_two_callers_at_once_each_see_their_own_claims(served: str) -> None:
+    seen: dict[str, list[Any]] = {BOB: [], ALICE_1: []}
+
+    async def caller(token: str) -> None:
+        async with mcp_session(served + "/mcp", token) as (session, _):
+            for tool in ("whoami", "whoami_async", "whoami", "whoami_async"):
+                seen[token].append(await call_json(session, tool))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(caller, BOB)
+        group.start_soon(caller, ALICE_1)
+    for token, answers in seen.items():
+        assert answers == [{"token": fingerprint(token), "claims": TOKENS[token]}] * 4
+
+
+@pytest.mark.parametrize(
+    ("token", "expected", "challenge"),
+    [(None, UNAUTHORIZED, "Bearer"), ("sk-nobody", INVALID_TOKEN, CHALLENGE_INVALID)],
+    ids=["no-token", "invalid-token"],
+)
+def test_servers_websocket_refused_with_401_and_challenge(
+    served: str, token: str | None, expected: dict[str, str], challenge: str
+) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        websocket_connect(served, "/ws", token)
+    response = refused.value.response
+    assert response.status_code == 401 and json.loads(response.body) == expected
+    assert response.headers["www-authenticate"] == challenge
+
+
+def test_servers_websocket_refused_without_the_extension_is_a_bare_403(served: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        websocket_connect(served, NO_EXTENSION + "/ws", None)
+    response = refused.value.response
+    assert response.status_code == 403 and "www-authenticate" not in response.headers
+    assert b"unauthorized" not in response.body
+
+
+# uvicorn's default websocket implementation (websockets-sansio, chosen whenever `websockets` is
+# installed) counts a handshake as complete only on accept or close, so after a refusal sent through
+# websocket.http.response it logs this at ERROR, although the client got the whole 401. Its wsproto
+# and legacy websockets implementations do not; neither does any server for the bare 403.
+UVICORN_REFUSAL_LOG = "ASGI callable returned without completing handshake."
+
+
+# Granian runs in its own process; its output is checked for tokens when it stops.
+@pytest.mark.parametrize("served", ["uvicorn", "hypercorn-asyncio", "hypercorn-trio"], indirect=True)
+@pytest.mark.parametrize("path", ["/ws", NO_EXTENSION + "/ws"])
+def test_servers_what_a_refused_websocket_logs(served: str, path: str, request: pytest.FixtureRequest) -> None:
+    server = request.node.callspec.params["served"]
+    expected = [UVICORN_REFUSAL_LOG] if (server, path) == ("uvicorn", "/ws") else []
+    handler = ListHandler()
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]  # uvicorn's records stop at "uvicorn"
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with pytest.raises(InvalidStatus):
+            websocket_connect(served, path, None)
+        # uvicorn logs after the app returns, a moment after the client has its answer.
+        deadline = time.monotonic() + (2 if expected else 0.3)
+        while warnings_of(handler) != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert warnings_of(handler) == expected
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def warnings_of(handler: ListHandler) -> list[str]:
+    return [record.getMessage() for record in handler.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("path", ["/ws", NO_EXTENSION + "/ws"])
+def test_servers_websocket_with_a_token_is_accepted_and_knows_its_caller(served: str, path: str) -> None:
+    with websocket_connect(served, path, BOB) as websocket:
+        websocket.send("hello")
+        assert websocket.recv(timeout=10) == "bob: hello"
 
 
 # --- the MCP authorization spec (issue 3): expiry, scopes, metadata, sessions --
