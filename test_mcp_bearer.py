@@ -1925,45 +1925,53 @@ async def test_readme_quick_start_server_works_as_written() -> None:
             assert result.content[0].text == "Hello bob@example.com"  # type: ignore[union-attr]
 
 
-def test_readme_jwt_provider_checks_signature_audience_and_expiry() -> None:
-    import jwt
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+@pytest.mark.anyio
+async def test_readme_jwt_provider_example_works_as_written() -> None:
+    """The README's JWTProvider block against a real JWKS endpoint and the SDK's client."""
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 
-    namespace: dict[str, Any] = {}
-    exec(compile(readme_block("class JWTProvider"), "README.md:jwt", "exec"), namespace)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    provider = namespace["JWTProvider"](public.decode(), issuer="https://auth.example.com")
-    now = int(time.time())
-    good = {
-        "iss": "https://auth.example.com",
-        "aud": namespace["RESOURCE"],
-        "sub": "alice",
-        "exp": now + 60,
-        "scope": "a b",
-    }
+    key = rsa_keys.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = {**pyjwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "k1"}
 
-    def sign(claims: dict[str, Any], signer: Any = key) -> str:
-        token = jwt.encode(claims, signer, algorithm="RS256")
+    jwks = JWKSEndpoint()  # the JWT section's test endpoint, serving just this key
+    jwks.keys = [jwk]
+
+    def sign(**claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": "https://auth.example.com/", "aud": "https://mcp.example.com/mcp", "sub": "alice"}
+        token = pyjwt.encode({**body, "exp": now + 60, **claims}, key, algorithm="RS256", headers={"kid": "k1"})
         SECRETS.add(token)
         return token
 
-    token = sign(good)
-    access = anyio.run(provider.verify_token, token)
-    assert access.claims["sub"] == "alice" and access.scopes == ["a", "b"] and access.expires_at == now + 60
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    refused = [
-        sign({**good, "aud": "https://other.example.com/mcp"}),  # a token for another resource
-        sign({**good, "iss": "https://evil.example.com"}),
-        sign({**good, "exp": now - 60}),
-        sign({k: v for k, v in good.items() if k != "sub"}),
-        sign(good, other_key),
-    ]
-    for bad in refused:
-        assert anyio.run(provider.verify_token, bad) is None
-    outcome = Harness(provider).request(bearer(token))
-    assert outcome.status == 200 and outcome.app_calls[0][1].claims["sub"] == "alice"  # type: ignore[union-attr]
+    with serve(jwks) as jwks_base:
+        source = readme_block("# at most one refetch").replace(
+            "https://auth.example.com/.well-known/jwks.json", jwks_base + "/jwks"
+        )
+        namespace: dict[str, Any] = {"server": _Server("readme")}
+        namespace["server"].tool()(whoami)
+        exec(compile(source, "README.md:jwt", "exec"), namespace)
+        with serve(namespace["app"]) as base:
+            async with mcp_session(base + "/mcp", sign(scope="mcp:tools")) as (session, _):
+                seen = await call_json(session, "whoami")
+                assert seen["claims"]["sub"] == "alice"
+            refused = [
+                sign(scope="mcp:read"),  # lacks the required scope: 403
+                sign(scope="mcp:tools", aud="https://other.example.com/mcp"),  # a token for another resource
+                sign(scope="mcp:tools", exp=int(time.time()) - 60),
+            ]
+            statuses = [raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {t}"})[0] for t in refused]
+            assert statuses == [403, 401, 401]
+
+
+def test_readme_identity_provider_settings_construct_offline() -> None:
+    """Copy-paste settings: they build (no fetch happens before the first token) and pin what they say."""
+    namespace: dict[str, Any] = {}
+    exec(compile(readme_block("# Auth0:"), "README.md:idps", "exec"), namespace)
+    for name in ("auth0", "keycloak", "entra"):
+        provider = namespace[name]
+        assert isinstance(provider, mcp_bearer.JWTProvider) and provider._key_set_now is None
+        assert provider._jwks_url.startswith("https://") and provider._algorithms == ("RS256",)
 
 
 def test_module_imports_only_the_standard_library() -> None:
