@@ -2355,7 +2355,6 @@ def verify(provider: BearerAuthProvider, token: str) -> AccessToken | None:
 )
 def test_jwt_each_algorithm_verifies_with_the_published_key(jwks: JWKSEndpoint, alg: str, key: str, kid: str) -> None:
     provider = jwt_provider(jwks.url)  # type: ignore[attr-defined]
-    assert jwks.hits == 0  # fetched on first need, never at construction: a server starts while its IdP is down
     token = sign(alg, key, kid, scope="mcp:tools mcp:read")
     access = verify(provider, token)
     assert access is not None and access.token == token
@@ -2481,6 +2480,10 @@ def test_jwt_without_kid_only_when_exactly_one_key_fits(jwks: JWKSEndpoint) -> N
 
 def test_jwt_jwks_entries_it_cannot_use_are_skipped_not_fatal(jwks: JWKSEndpoint) -> None:
     private = jwt.algorithms.RSAAlgorithm.to_jwk(private_key("rs2"), as_dict=True)
+    del private["key_ops"]  # as a careless IdP would publish it: nothing but "d" says it is private
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak_jwk = {**jwt.algorithms.RSAAlgorithm.to_jwk(weak.public_key(), as_dict=True), "kid": "rsa-1024"}
+    weak_jwk.pop("key_ops")
     jwks.keys = [
         "not an object",
         {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
@@ -2492,6 +2495,7 @@ def test_jwt_jwks_entries_it_cannot_use_are_skipped_not_fatal(jwks: JWKSEndpoint
         public_jwk("rs2", "rs256-only", alg="RS256"),  # RFC 8725 3.1: one algorithm per key
         public_jwk("ec2", "p256-as-eddsa", alg="EdDSA"),
         public_jwk("rs1", "rsa-1", key_ops=["verify"]),
+        weak_jwk,  # RFC 7518 3.3: RSA keys of 2048 bits or more
     ]
     provider = jwt_provider(jwks.url)  # type: ignore[attr-defined]
     assert verify(provider, sign("RS256", "rs1", "rsa-1")) is not None
@@ -2500,6 +2504,15 @@ def test_jwt_jwks_entries_it_cannot_use_are_skipped_not_fatal(jwks: JWKSEndpoint
     assert verify(provider, sign("RS256", "rs2", "rs256-only")) is not None
     assert verify(provider, sign("PS256", "rs2", "rs256-only")) is None
     assert verify(provider, sign("ES256", "ec2", "p256-as-eddsa")) is None
+    now = int(time.time())
+    weak_token = jwt.encode(
+        {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": now + 60},
+        weak,
+        algorithm="RS256",
+        headers={"kid": "rsa-1024"},
+    )
+    SECRETS.add(weak_token)
+    assert verify(provider, weak_token) is None
     assert jwks.hits == 1  # unusable entries are known kids, not a reason to refetch
 
 
@@ -2909,3 +2922,27 @@ def test_http_call_bounds_time_and_size_and_follows_no_redirect(jwks: JWKSEndpoi
         anyio.run(functools.partial(mcp_bearer._http_call, f"http://127.0.0.1:{closed.getsockname()[1]}/", timeout=2.0))
     closed.close()
     assert HMAC_SECRET not in str(refused.value)
+
+
+def test_jwt_stale_set_is_refreshed_in_the_background(jwks: JWKSEndpoint) -> None:
+    """After jwks_cache_seconds a known kid still answers at once, and the set is refetched behind it."""
+    provider = jwt_provider(jwks.url, jwks_cache_seconds=0.1, jwks_refresh_cooldown=0.1)  # type: ignore[attr-defined]
+    assert verify(provider, sign()) is not None and jwks.hits == 1
+    time.sleep(0.15)
+    jwks.mode = "hang"  # the refetch hangs: the known kid must not wait for it
+    started = time.monotonic()
+    assert verify(provider, sign()) is not None
+    assert time.monotonic() - started < 0.5
+    deadline = time.monotonic() + 5
+    while jwks.hits < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jwks.hits == 2
+    jwks.release.set()
+
+
+def test_jwt_nothing_is_fetched_before_the_first_token(jwks: JWKSEndpoint) -> None:
+    """A server must start while its IdP is down: construction never touches the network."""
+    provider = jwt_provider(jwks.url)  # type: ignore[attr-defined]
+    time.sleep(0.3)
+    assert jwks.hits == 0
+    assert verify(provider, sign()) is not None and jwks.hits == 1
