@@ -6,7 +6,9 @@ Micro (always): one trivial ASGI app (200, body ``ok``) called directly, without
 - through ``BearerAuthMiddleware`` + ``StaticTokenProvider``: valid token, missing token, invalid token, excluded path;
 - through the MCP SDK's own stack (Starlette ``AuthenticationMiddleware`` + ``BearerAuthBackend``, then
   ``AuthContextMiddleware``, then ``RequireAuthMiddleware``) with an equivalent dict/digest ``TokenVerifier``;
-- through an equivalent Starlette ``BaseHTTPMiddleware``.
+- through an equivalent Starlette ``BaseHTTPMiddleware``;
+- through ``BearerAuthMiddleware`` + ``JWTProvider`` (static ``key=``, so no network) on a valid RS256, ES256 and
+  EdDSA token, next to its reference: the static-key path plus one ``jwt.decode`` of the same token.
 
 Each round runs N requests of every variant in turn (start rotated per round) in one event loop; a variant's
 time is the median over rounds of its per-round mean, its overhead the median of the per-round differences to
@@ -63,10 +65,24 @@ from typing import Any
 # Benchmark the checkout this script lives in, even when another mcp_bearer is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcp_bearer import ASGIApp, BearerAuthMiddleware, Message, Receive, Scope, Send, StaticTokenProvider
+from mcp_bearer import (
+    AccessToken,
+    ASGIApp,
+    BearerAuthMiddleware,
+    BearerAuthProvider,
+    JWTProvider,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    StaticTokenProvider,
+)
 
 try:
+    import jwt
     import uvicorn
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
     from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
     from mcp.server.auth.provider import AccessToken as SdkAccessToken
@@ -99,6 +115,7 @@ TARGET_VALID_RATIO = 0.15  # ours' valid-token overhead / SDK stack's valid-toke
 TARGET_MISSING_VS_BARE = 1.5  # ours' missing-token 401 time / bare time
 TARGET_EXCLUDED_US = 0.1  # |ours on an excluded path - bare|, microseconds
 TARGET_E2E_RATIO = 0.97  # tools/call requests per second with the middleware / without
+TARGET_JWT_RATIO = 1.1  # JWTProvider's valid RS256 request / (static-key path + one jwt.decode)
 
 
 def _digest(token: str) -> bytes:
@@ -160,6 +177,50 @@ def sdk_stack(app: ASGIApp) -> ASGIApp:
 
 def base_http(app: ASGIApp) -> ASGIApp:
     return DictBearerHTTPMiddleware(app, {VALID_TOKEN: CLAIMS})
+
+
+# --- JWT: JWTProvider vs the static-key path plus one jwt.decode -------------------------------
+
+JWT_ISSUER, JWT_AUDIENCE = "https://auth.example.com/", "https://mcp.example.com/mcp"
+JWT_OPTIONS: dict[str, Any] = {"require": ["exp", "iss", "aud", "sub"]}
+
+
+def jwt_case(algorithm: str) -> tuple[str, str, Any]:
+    """(public PEM, a valid token, the prepared public key object) for one algorithm."""
+    private: Any = {
+        "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "EdDSA": ed25519.Ed25519PrivateKey.generate,
+    }[algorithm]()
+    pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    claims = {**CLAIMS, "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": int(time.time()) + 86400, "scope": "mcp"}
+    token = jwt.encode(claims, private, algorithm=algorithm, headers={"kid": "k1"})
+    return pem, token, jwt.get_algorithm_by_name(algorithm).prepare_key(pem)
+
+
+class StaticPlusDecode(BearerAuthProvider):
+    """The reference: ``StaticTokenProvider``'s lookup plus one ``jwt.decode`` with a prepared key."""
+
+    def __init__(self, token: str, algorithm: str, key: Any) -> None:
+        self.static = StaticTokenProvider({token: CLAIMS})
+        self.algorithm, self.key = algorithm, key
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        access = await self.static.verify_token(token)
+        jwt.decode(
+            token,
+            key=self.key,
+            algorithms=[self.algorithm],
+            audience=JWT_AUDIENCE,
+            issuer=JWT_ISSUER,
+            leeway=30.0,
+            options=JWT_OPTIONS,
+        )
+        return access
 
 
 # --- the micro benchmark ------------------------------------------------------------------------
@@ -227,6 +288,14 @@ def build_variants() -> list[Variant]:
         variants.append(Variant(f"{label}: invalid token", guard, "invalid", app, invalid, 401))
         if guard == "ours":
             variants.append(Variant("ours: excluded path", guard, "excluded", app, make_scope("/health", None), 200))
+    for algorithm in ("RS256", "ES256", "EdDSA"):
+        pem, token, key = jwt_case(algorithm)
+        scope = make_scope("/mcp", token)
+        provider = JWTProvider(issuer=JWT_ISSUER, audience=JWT_AUDIENCE, key=pem, algorithms=[algorithm])
+        jwt_app = BearerAuthMiddleware(hello_app, provider)
+        reference = BearerAuthMiddleware(hello_app, StaticPlusDecode(token, algorithm, key))
+        variants.append(Variant(f"JWT {algorithm}: valid token", "jwt", algorithm, jwt_app, scope, 200))
+        variants.append(Variant(f"static+decode {algorithm}", "reference", algorithm, reference, scope, 200))
     return variants
 
 
@@ -296,6 +365,12 @@ def summarize_micro(variants: list[Variant]) -> dict[str, dict[str, Any]]:
             result["overhead_vs_sdk"] = result["overhead_us"] / sdk["overhead_us"]
         else:
             result["overhead_vs_sdk"] = None
+    by_name = {v.name: v for v in variants}
+    for variant in variants:
+        if variant.guard == "jwt":  # paired per round against its reference, like the overheads
+            reference = by_name[f"static+decode {variant.case}"].rounds_ns
+            ratios = [t / r for t, r in zip(variant.rounds_ns, reference, strict=True)]
+            results[variant.name]["vs_static_decode"] = statistics.median(ratios)
     return results
 
 
@@ -555,6 +630,11 @@ def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | Non
             TARGET_EXCLUDED_US,
         ),
         target(f"e2e tools/call with/without >= {TARGET_E2E_RATIO}", e2e_ratio, TARGET_E2E_RATIO, at_least=True),
+        target(
+            f"JWT RS256 valid token <= {TARGET_JWT_RATIO} x (static path + jwt.decode)",
+            micro["JWT RS256: valid token"]["vs_static_decode"],
+            TARGET_JWT_RATIO,
+        ),
     ]
 
 
@@ -571,6 +651,11 @@ def print_report(results: dict[str, Any]) -> None:
         ratio = "" if r["overhead_vs_sdk"] is None else f"{r['overhead_vs_sdk']:.3f}"
         overhead = "" if name == "bare" else f"{r['overhead_us']:+.3f}"
         print(f"{name:<26} {r['median_us']:>10.3f} {spread:>14} {overhead:>12} {ratio:>15}")
+
+    print("\nJWTProvider / (static-key path + one jwt.decode of the same token), paired per round")
+    for name, r in results["micro"].items():
+        if "vs_static_decode" in r:
+            print(f"{name:<26} {r['vs_static_decode']:>10.3f}")
 
     print("\nmemory, valid-token requests (tracemalloc; peak includes CPython's bounded free lists)")
     print(f"{'variant':<26} {'requests':>10} {'peak bytes':>12} {'retained bytes':>15}")
