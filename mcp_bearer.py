@@ -1368,6 +1368,9 @@ def _principal(access: AccessToken, token: str) -> str:
 
 # --- the command line ---------------------------------------------------------
 
+# Never an option: a secret on the command line shows in `ps` and in shell history.
+_SECRET_VARIABLE = "MCP_BEARER_CLIENT_SECRET"  # noqa: S105 - the variable's name, not a secret
+
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -1440,6 +1443,43 @@ def _listen(host: str, port: int) -> socket.socket:
     return socket.socket(listener.family, listener.type, socket.IPPROTO_TCP, fileno=listener.detach())
 
 
+def _cli_provider(args: argparse.Namespace) -> BearerAuthProvider | None:
+    """The token sources the options name, chained API keys first; None when they name none."""
+    providers: list[BearerAuthProvider] = []
+    if args.tokens_file is not None:
+        providers.append(StaticTokenProvider(_load_tokens(args.tokens_file)))
+    if args.jwks_url is not None:
+        if not args.issuer or not args.audience:
+            _fail("--jwks-url needs --issuer and --audience (the tokens' iss and aud)")
+        providers.append(
+            JWTProvider(
+                issuer=args.issuer,
+                audience=args.audience,
+                jwks_url=args.jwks_url,
+                algorithms=args.algorithm or ("RS256",),
+            )
+        )
+    elif args.issuer or args.algorithm or (args.audience and args.introspection_url is None):
+        _fail("--issuer and --algorithm need --jwks-url; --audience needs --jwks-url or --introspection-url")
+    if args.introspection_url is not None:
+        secret = os.environ.get(_SECRET_VARIABLE, "")
+        if not args.client_id or not secret:
+            _fail(f"--introspection-url needs --client-id and the client secret in ${_SECRET_VARIABLE}")
+        if len(args.audience) > 1:
+            _fail("--introspection-url takes at most one --audience (the introspected token's aud must contain it)")
+        audience = args.audience[0] if args.audience else None
+        providers.append(
+            IntrospectionProvider(
+                args.introspection_url, client_id=args.client_id, client_secret=secret, audience=audience
+            )
+        )
+    elif args.client_id is not None:
+        _fail("--client-id needs --introspection-url")
+    if not providers:
+        return None
+    return providers[0] if len(providers) == 1 else ProviderChain(*providers)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: ``mcp-bearer`` (console script) or ``python -m mcp_bearer``."""
     # Usage names the command the user typed; error lines always start "mcp_bearer: error:".
@@ -1485,34 +1525,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--algorithm", action="append", default=[], metavar="ALG", help="accepted JWT alg, repeatable (default RS256)"
     )
+    parser.add_argument(
+        "--introspection-url",
+        metavar="URL",
+        help="check opaque tokens at this RFC 7662 endpoint; the client secret comes from $" + _SECRET_VARIABLE,
+    )
+    parser.add_argument("--client-id", metavar="ID", help="this server's client id at the introspection endpoint")
+    parser.add_argument(
+        "--cache-ttl", type=float, metavar="SECONDS", help="remember each token's verdict this long (CachedProvider)"
+    )
+    parser.add_argument("--audit", action="store_true", help="log one line per decision to stderr (mcp_bearer.audit)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     args = parser.parse_args(argv)
 
     generated = None
-    jwt_provider = None
-    if args.jwks_url is not None:  # TODO chain: with --tokens-file too, accept API keys and JWTs alike
-        if not args.issuer or not args.audience:
-            _fail("--jwks-url needs --issuer and --audience (the tokens' iss and aud)")
-        try:
-            jwt_provider = JWTProvider(
-                issuer=args.issuer,
-                audience=args.audience,
-                jwks_url=args.jwks_url,
-                algorithms=args.algorithm or ("RS256",),
-            )
-        except (TypeError, ValueError, ImportError) as exc:
-            _fail(str(exc))
-    elif args.issuer or args.audience or args.algorithm:
-        _fail("--issuer, --audience and --algorithm need --jwks-url")
-    elif args.tokens_file is not None:
-        tokens = _load_tokens(args.tokens_file)
-    elif os.environ.get("MCP_BEARER_TOKENS", "").strip():
-        keys = [key.strip() for key in os.environ["MCP_BEARER_TOKENS"].split(",") if key.strip()]
-        tokens = {key: {"sub": f"user-{n}"} for n, key in enumerate(keys, 1)}
-    else:
-        generated = secrets.token_urlsafe(32)
-        tokens = {generated: {"sub": "demo-user"}}
+    try:
+        provider = _cli_provider(args)
+        if provider is None:  # the demo's tokens
+            if os.environ.get("MCP_BEARER_TOKENS", "").strip():
+                keys = [key.strip() for key in os.environ["MCP_BEARER_TOKENS"].split(",") if key.strip()]
+                tokens = {key: {"sub": f"user-{n}"} for n, key in enumerate(keys, 1)}
+            else:
+                generated = secrets.token_urlsafe(32)
+                tokens = {generated: {"sub": "demo-user"}}
+            provider = StaticTokenProvider(tokens)
+        if args.cache_ttl is not None:
+            provider = CachedProvider(provider, ttl=args.cache_ttl)
+    except (TypeError, ValueError, ImportError) as exc:
+        _fail(str(exc))
 
     try:
         import uvicorn
@@ -1528,16 +1569,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         guarded = BearerAuthMiddleware(
             app,
-            jwt_provider or StaticTokenProvider(tokens),
+            provider,
             exclude_paths=DEFAULT_EXCLUDED_PATHS if args.exclude is None else args.exclude,
             required_scopes=args.required_scope,
             resource=args.resource,
             authorization_servers=args.authorization_server,
+            audit=args.audit,
         )
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
     finally:
         logger.disabled = False
+
+    if args.audit:  # nothing else configures logging here, and INFO records would go nowhere
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        _audit_logger.addHandler(handler)
+        _audit_logger.setLevel(logging.INFO)
 
     # Bind here, not in uvicorn, so a busy port is one clear line and exit 2.
     try:

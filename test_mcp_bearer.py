@@ -1845,11 +1845,13 @@ def cli_server(
         process.wait(20)
 
 
-def run_cli(*args: str, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*command, *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": REPO, "MCP_BEARER_TOKENS": ""},
+        env={**os.environ, "PYTHONPATH": REPO, "MCP_BEARER_TOKENS": "", **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
@@ -3479,17 +3481,32 @@ def test_cli_jwks_url_protects_an_app_with_jwt(jwks: JWKSEndpoint) -> None:
     [
         (["--jwks-url", "https://a.example/k", "--issuer", "x"], "--jwks-url needs --issuer and --audience"),
         (["--jwks-url", "https://a.example/k", "--audience", "x"], "--jwks-url needs --issuer and --audience"),
-        (["--issuer", "x", "--audience", "y"], "--issuer, --audience and --algorithm need --jwks-url"),
+        (["--issuer", "x", "--audience", "y"], "--issuer and --algorithm need --jwks-url"),
+        (["--audience", "y"], "--audience needs --jwks-url or --introspection-url"),
+        (["--introspection-url", "https://a.example/i"], "needs --client-id and the client secret in $MCP_BEARER"),
+        (["--introspection-url", "https://a.example/i", "--client-id", "c", "--no-secret"], "client secret in $MCP"),
+        (["--client-id", "c"], "--client-id needs --introspection-url"),
+        (["--introspection-url", "http://a.example/i", "--client-id", "c"], "url must use https://"),
+        (
+            ["--introspection-url", "https://a.example/i", "--client-id", "c", "--audience", "a", "--audience", "b"],
+            "at most one --audience",
+        ),
+        (["--introspection-url", "https://a.example/i", "--client-id", "c", "--tokens-file", "/nonexistent"], "read"),
+        (["--cache-ttl", "0"], "ttl must be a finite number of seconds, > 0"),
+        (["--cache-ttl", "soon"], "argument --cache-ttl: invalid float value"),
         (["--jwks-url", "http://a.example/k", "--issuer", "x", "--audience", "y"], "jwks_url must use https://"),
         (["--jwks-url", "https://a.example/k", "--issuer", "x", "--audience", "y", "--algorithm", "none"], "'none'"),
         (["--jwks-url", "https://a.example/k", "--issuer", "x", "--audience", "y", "--algorithm", "HS256"], "HMAC"),
     ],
 )
-def test_cli_bad_jwt_options_are_one_stderr_line_and_exit_2(args: list[str], message: str) -> None:
-    result = run_cli(*args)
+def test_cli_bad_token_sources_are_one_stderr_line_and_exit_2(args: list[str], message: str) -> None:
+    """The client secret comes from the environment only: never an argument, which shows in ps."""
+    secret = {} if "--no-secret" in args else {"MCP_BEARER_CLIENT_SECRET": "cs-Zr8Lq3Vw"}
+    result = run_cli(*[a for a in args if a != "--no-secret"], env={"MCP_BEARER_CLIENT_SECRET": "", **secret})
     assert result.returncode == 2, result
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mcp_bearer: error: ") and message in lines[0], result.stderr
+    assert "cs-Zr8Lq3Vw" not in result.stderr + result.stdout
 
 
 # --- the network helper: the one place that touches the network --------------------
