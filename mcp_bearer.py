@@ -25,7 +25,6 @@ import base64
 import concurrent.futures
 import contextlib
 import contextvars
-import copy
 import functools
 import hashlib
 import http.client
@@ -714,7 +713,16 @@ def _is_number(value: object) -> bool:
 
 def _own_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     """A copy no other request shares: nested lists and dicts (roles, groups) copied too."""
-    return {k: copy.deepcopy(v) if isinstance(v, (dict, list)) else v for k, v in claims.items()}
+    return {k: _copied(v) for k, v in claims.items()}
+
+
+def _copied(value: Any) -> Any:
+    # Claims are JSON: lists and dicts hold the only mutable parts (copy.deepcopy is ~10x slower).
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
 
 
 def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
