@@ -2505,12 +2505,9 @@ def test_jwt_jwks_entries_it_cannot_use_are_skipped_not_fatal(jwks: JWKSEndpoint
     assert verify(provider, sign("PS256", "rs2", "rs256-only")) is None
     assert verify(provider, sign("ES256", "ec2", "p256-as-eddsa")) is None
     now = int(time.time())
-    weak_token = jwt.encode(
-        {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": now + 60},
-        weak,
-        algorithm="RS256",
-        headers={"kid": "rsa-1024"},
-    )
+    with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):  # PyJWT signs with it, warning; we refuse to verify
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": now + 60}
+        weak_token = jwt.encode(claims, weak, algorithm="RS256", headers={"kid": "rsa-1024"})
     SECRETS.add(weak_token)
     assert verify(provider, weak_token) is None
     assert jwks.hits == 1  # unusable entries are known kids, not a reason to refetch
