@@ -2286,6 +2286,8 @@ class JWKSEndpoint:
         self.reset()
 
     def reset(self) -> None:
+        if hasattr(self, "release"):
+            self.release.set()  # a hang left over from the last test ends now, not at its deadline
         self.keys: list[Any] = default_keys()
         self.mode = "ok"  # ok, 500, hang, redirect, garbage, list, nokeys, oversize
         self.paths: list[str] = []
@@ -2304,8 +2306,8 @@ class JWKSEndpoint:
         self.paths.append(scope["path"])
         status, headers, body = 200, [(b"content-type", b"application/json")], b""
         if self.mode == "hang":
-            deadline = time.monotonic() + 10
-            while not self.release.is_set() and time.monotonic() < deadline:
+            deadline, release = time.monotonic() + 10, self.release
+            while not release.is_set() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         if self.mode == "500":
             status, body = 500, b'{"error": "down"}'
