@@ -713,7 +713,7 @@ def _is_number(value: object) -> bool:
 
 def _own_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     """A copy no other request shares: nested lists and dicts (roles, groups) copied too."""
-    return {k: _copied(v) for k, v in claims.items()}
+    return {k: _copied(v) if isinstance(v, (dict, list)) else v for k, v in claims.items()}
 
 
 def _copied(value: Any) -> Any:
@@ -767,7 +767,10 @@ class CachedProvider(BearerAuthProvider):
         if entry is not None:
             deadline, verdict = entry
             if time.monotonic() < deadline:
-                return None if verdict is None else AccessToken(token, _own_claims(verdict[0]), *verdict[1:])
+                if verdict is None:
+                    return None
+                claims, scopes, expires_at = verdict
+                return AccessToken(token, _own_claims(claims), list(scopes), expires_at)
             del self._entries[key]
         while (flight := self._flights.get(key)) is not None:
             with contextlib.suppress(concurrent.futures.CancelledError):  # its caller went away: ask ourselves
@@ -786,7 +789,7 @@ class CachedProvider(BearerAuthProvider):
             del self._flights[key]
         if generation == self._generation:
             self._keep(key, access)
-        flight.set_result(access)
+        flight.set_result(_own_access(token, access))  # a snapshot: this request's app may change its own
         return access
 
     def _keep(self, key: bytes, access: AccessToken | None) -> None:

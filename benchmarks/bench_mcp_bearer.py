@@ -8,7 +8,10 @@ Micro (always): one trivial ASGI app (200, body ``ok``) called directly, without
   ``AuthContextMiddleware``, then ``RequireAuthMiddleware``) with an equivalent dict/digest ``TokenVerifier``;
 - through an equivalent Starlette ``BaseHTTPMiddleware``;
 - through ``BearerAuthMiddleware`` + ``JWTProvider`` (static ``key=``, so no network) on a valid RS256, ES256 and
-  EdDSA token, next to its reference: the static-key path plus one ``jwt.decode`` of the same token.
+  EdDSA token, next to its reference: the static-key path plus one ``jwt.decode`` of the same token;
+- through ``BearerAuthMiddleware`` + ``CachedProvider`` holding the token (a cache hit), and with ``audit=True``
+  (records formatted and written to /dev/null), both next to the plain ``StaticTokenProvider`` request;
+- with ``--baseline REF``: also the module as it was at git REF (valid token), to show what a change costs.
 
 Each round runs N requests of every variant in turn (start rotated per round) in one event loop; a variant's
 time is the median over rounds of its per-round mean, its overhead the median of the per-round differences to
@@ -19,7 +22,9 @@ Memory (always): tracemalloc peak and retained bytes for valid-token requests (b
 
 End to end (``--e2e``, needs ``wrk`` on PATH): an MCP server with one tool (stateless, JSON responses) under
 uvicorn on loopback, with and without the middleware, loaded by ``wrk`` in alternating rounds: ``tools/call``
-requests per second with and without the middleware, and 401 rejections per second. Both servers get the same
+requests per second with and without the middleware, and 401 rejections per second; and the same with
+``CachedProvider(IntrospectionProvider(...))`` against an RFC 7662 endpoint (another process) that answers in
+~5 ms, with the number of introspections it served. Both servers get the same
 request bytes; with 2+ cores the servers and wrk are pinned to different cores. Small shared VMs drift by a few
 percent between runs, so read the per-round ratios, not only their median.
 
@@ -31,6 +36,7 @@ Run from the repository root::
     python benchmarks/bench_mcp_bearer.py --quick    # a few seconds: the CI smoke check
     python benchmarks/bench_mcp_bearer.py --e2e      # adds the uvicorn + wrk run, ~45 s more
     python benchmarks/bench_mcp_bearer.py --json     # machine-readable results on stdout
+    python benchmarks/bench_mcp_bearer.py --baseline HEAD~3   # adds that commit's module, side by side
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import gc
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -70,6 +77,8 @@ from mcp_bearer import (
     ASGIApp,
     BearerAuthMiddleware,
     BearerAuthProvider,
+    CachedProvider,
+    IntrospectionProvider,
     JWTProvider,
     Message,
     Receive,
@@ -116,6 +125,9 @@ TARGET_MISSING_VS_BARE = 1.5  # ours' missing-token 401 time / bare time
 TARGET_EXCLUDED_US = 0.1  # |ours on an excluded path - bare|, microseconds
 TARGET_E2E_RATIO = 0.97  # tools/call requests per second with the middleware / without
 TARGET_JWT_RATIO = 1.1  # JWTProvider's valid RS256 request / (static-key path + one jwt.decode)
+TARGET_CACHE_RATIO = 1.25  # a CachedProvider hit / the same request with StaticTokenProvider
+TARGET_INTROSPECTION_E2E = 0.9  # tools/call rps, cached introspection / StaticTokenProvider
+INTROSPECTION_DELAY = 0.005  # seconds the e2e introspection endpoint takes per answer
 
 
 def _digest(token: str) -> bytes:
@@ -223,6 +235,34 @@ class StaticPlusDecode(BearerAuthProvider):
         return access
 
 
+# --- caching, the audit trail, and an earlier version of the module ----------------------------
+
+
+def audited(app: ASGIApp) -> ASGIApp:
+    """``audit=True`` with its records formatted and written somewhere, as a deployment would."""
+    audit = logging.getLogger("mcp_bearer.audit")
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
+    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    audit.addHandler(handler)
+    return BearerAuthMiddleware(app, StaticTokenProvider({VALID_TOKEN: CLAIMS}), audit=True)
+
+
+def baseline_module(ref: str) -> Any:
+    """``mcp_bearer.py`` as it was at git ``ref``, imported under another name."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(
+        ["git", "show", f"{ref}:mcp_bearer.py"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    spec = importlib.util.spec_from_loader("mcp_bearer_baseline", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    exec(compile(source, f"{ref}:mcp_bearer.py", "exec"), module.__dict__)
+    return module
+
+
 # --- the micro benchmark ------------------------------------------------------------------------
 
 
@@ -277,7 +317,7 @@ class Variant:
     rounds_ns: list[float] = field(default_factory=list)  # per-round mean ns per request
 
 
-def build_variants() -> list[Variant]:
+def build_variants(baseline: str | None = None) -> list[Variant]:
     valid, missing, invalid = (make_scope("/mcp", token) for token in (VALID_TOKEN, None, INVALID_TOKEN))
     variants = [Variant("bare", "bare", "valid", hello_app, valid, 200)]
     guards = (("ours", "ours", ours), ("sdk", "SDK stack", sdk_stack), ("basehttp", "BaseHTTP", base_http))
@@ -296,6 +336,13 @@ def build_variants() -> list[Variant]:
         reference = BearerAuthMiddleware(hello_app, StaticPlusDecode(token, algorithm, key))
         variants.append(Variant(f"JWT {algorithm}: valid token", "jwt", algorithm, jwt_app, scope, 200))
         variants.append(Variant(f"static+decode {algorithm}", "reference", algorithm, reference, scope, 200))
+    cached = BearerAuthMiddleware(hello_app, CachedProvider(StaticTokenProvider({VALID_TOKEN: CLAIMS})))
+    variants.append(Variant("ours: cached token", "cache", "valid", cached, valid, 200))
+    variants.append(Variant("ours: valid, audit=True", "audit", "valid", audited(hello_app), valid, 200))
+    if baseline is not None:
+        old = baseline_module(baseline)
+        app = old.BearerAuthMiddleware(hello_app, old.StaticTokenProvider({VALID_TOKEN: CLAIMS}))
+        variants.append(Variant(f"ours at {baseline}: valid", "baseline", "valid", app, valid, 200))
     return variants
 
 
@@ -366,11 +413,17 @@ def summarize_micro(variants: list[Variant]) -> dict[str, dict[str, Any]]:
         else:
             result["overhead_vs_sdk"] = None
     by_name = {v.name: v for v in variants}
+    static = by_name["ours: valid token"].rounds_ns
     for variant in variants:
         if variant.guard == "jwt":  # paired per round against its reference, like the overheads
             reference = by_name[f"static+decode {variant.case}"].rounds_ns
             ratios = [t / r for t, r in zip(variant.rounds_ns, reference, strict=True)]
             results[variant.name]["vs_static_decode"] = statistics.median(ratios)
+        if variant.guard in ("cache", "audit", "baseline"):  # against StaticTokenProvider, paired per round
+            ratios = [t / r for t, r in zip(variant.rounds_ns, static, strict=True)]
+            results[variant.name]["vs_static"] = statistics.median(ratios)
+            differences = [t - r for t, r in zip(variant.rounds_ns, static, strict=True)]
+            results[variant.name]["minus_static_us"] = statistics.median(differences) / 1000
     return results
 
 
@@ -423,6 +476,10 @@ def serve(kind: str) -> None:
     app = mcp_app()
     if kind == "ours":
         app = ours(app, os.environ[SERVER_KEY_ENV])
+    elif kind == "introspection":
+        endpoint = f"http://127.0.0.1:{os.environ[INTROSPECTION_PORT_ENV]}/introspect"
+        introspection = IntrospectionProvider(endpoint, client_id="bench", client_secret=secrets.token_urlsafe(16))
+        app = BearerAuthMiddleware(app, CachedProvider(introspection, ttl=300.0))
     # proto=IPPROTO_TCP, not socket.create_server's 0: asyncio sets TCP_NODELAY on accepted connections only when
     # the listener's proto is IPPROTO_TCP; without it every response waits ~40 ms (Nagle + delayed ACK).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -430,6 +487,50 @@ def serve(kind: str) -> None:
     sock.listen(2048)
     print(sock.getsockname()[1], flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+INTROSPECTION_PORT_ENV = "BENCH_MCP_BEARER_INTROSPECTION_PORT"
+
+
+def serve_introspection() -> None:
+    """Child-process entry point: an RFC 7662 endpoint that takes ~5 ms and counts what it answered."""
+    import http.server
+    import threading
+
+    hits = 0
+    lock = threading.Lock()
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            nonlocal hits
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            time.sleep(INTROSPECTION_DELAY)
+            with lock:
+                hits += 1
+            self.answer({"active": True, "sub": "bench-user", "scope": "mcp", "exp": int(time.time()) + 3600})
+
+        def do_GET(self) -> None:
+            self.answer({"hits": hits})
+
+        def answer(self, document: dict[str, Any]) -> None:
+            body = json.dumps(document).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def introspection_hits(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hits", timeout=10) as response:
+        return int(json.loads(response.read())["hits"])
 
 
 def post_tools_call(port: int, token: str | None) -> tuple[int, bytes]:
@@ -503,13 +604,16 @@ def run_e2e(rounds: int, seconds: int, connections: int, log: Callable[[str], No
         with open(lua, "w", encoding="utf-8") as file:
             file.write(WRK_LUA)
         try:
-            for kind in ("bare", "ours"):
+            for kind in ("endpoint", "bare", "ours", "introspection"):
+                environment = {**os.environ, SERVER_KEY_ENV: VALID_TOKEN}
+                if kind != "endpoint":
+                    environment[INTROSPECTION_PORT_ENV] = str(ports["endpoint"])
                 servers[kind] = process = subprocess.Popen(
                     [sys.executable, os.path.abspath(__file__), "--serve-e2e", kind],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     text=True,
-                    env={**os.environ, SERVER_KEY_ENV: VALID_TOKEN},
+                    env=environment,
                 )
                 _pin(process.pid, server_cpus)
                 line = process.stdout.readline() if process.stdout else ""
@@ -519,6 +623,7 @@ def run_e2e(rounds: int, seconds: int, connections: int, log: Callable[[str], No
             # One request each before any load: tools/call must work statelessly, without initialize.
             check_tools_call(ports["bare"], VALID_TOKEN)
             check_tools_call(ports["ours"], VALID_TOKEN)
+            check_tools_call(ports["introspection"], VALID_TOKEN)
             status, _ = post_tools_call(ports["ours"], None)
             if status != 401:
                 raise RuntimeError(f"the middleware answered {status} to a request without a token, not 401")
@@ -527,6 +632,7 @@ def run_e2e(rounds: int, seconds: int, connections: int, log: Callable[[str], No
             targets = [
                 ("tools/call without middleware", ports["bare"], VALID_TOKEN, True),
                 ("tools/call with middleware", ports["ours"], VALID_TOKEN, True),
+                ("tools/call, cached introspection", ports["introspection"], VALID_TOKEN, True),
                 ("401 rejections (no token)", ports["ours"], None, False),
             ]
             for _, port, token, _ in targets:  # warm-up
@@ -542,6 +648,7 @@ def run_e2e(rounds: int, seconds: int, connections: int, log: Callable[[str], No
                     if not expect_2xx and run["non_2xx"] != run["requests"]:
                         raise RuntimeError(f"{label}: only {run['non_2xx']} of {run['requests']} were refused")
                     runs[label].append(run)
+            introspections = introspection_hits(ports["endpoint"])
         finally:
             _pin(0, set(cpus))
             for process in servers.values():
@@ -560,8 +667,18 @@ def run_e2e(rounds: int, seconds: int, connections: int, log: Callable[[str], No
             rps_rounds["tools/call with middleware"], rps_rounds["tools/call without middleware"], strict=True
         )
     ]
+    cached_ratios = [
+        c / s
+        for c, s in zip(
+            rps_rounds["tools/call, cached introspection"], rps_rounds["tools/call with middleware"], strict=True
+        )
+    ]
     return {
         "wrk": version.stdout.split(" [")[0],
+        "introspection_ratio_rounds": cached_ratios,
+        "introspection_ratio": statistics.median(cached_ratios),
+        "introspection_requests": sum(r["requests"] for r in runs["tools/call, cached introspection"]),
+        "introspections": introspections,
         "rounds": rounds,
         "seconds": seconds,
         "connections": connections,
@@ -613,6 +730,7 @@ def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | Non
 
     bare = micro["bare"]["median_us"]
     e2e_ratio = e2e.get("ratio_with_without") if e2e else None
+    introspection_ratio = e2e.get("introspection_ratio") if e2e else None
     return [
         target(
             f"valid-token overhead <= {TARGET_VALID_RATIO} x SDK stack's",
@@ -634,6 +752,17 @@ def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | Non
             f"JWT RS256 valid token <= {TARGET_JWT_RATIO} x (static path + jwt.decode)",
             micro["JWT RS256: valid token"]["vs_static_decode"],
             TARGET_JWT_RATIO,
+        ),
+        target(
+            f"CachedProvider hit <= {TARGET_CACHE_RATIO} x StaticTokenProvider",
+            micro["ours: cached token"]["vs_static"],
+            TARGET_CACHE_RATIO,
+        ),
+        target(
+            f"e2e tools/call, cached introspection / static >= {TARGET_INTROSPECTION_E2E}",
+            introspection_ratio,
+            TARGET_INTROSPECTION_E2E,
+            at_least=True,
         ),
     ]
 
@@ -657,6 +786,11 @@ def print_report(results: dict[str, Any]) -> None:
         if "vs_static_decode" in r:
             print(f"{name:<26} {r['vs_static_decode']:>10.3f}")
 
+    print("\nagainst the same request with StaticTokenProvider, paired per round")
+    for name, r in results["micro"].items():
+        if "vs_static" in r:
+            print(f"{name:<26} {r['vs_static']:>10.3f} x   {r['minus_static_us']:+.3f} us")
+
     print("\nmemory, valid-token requests (tracemalloc; peak includes CPython's bounded free lists)")
     print(f"{'variant':<26} {'requests':>10} {'peak bytes':>12} {'retained bytes':>15}")
     for name, r in results["memory"].items():
@@ -677,6 +811,12 @@ def print_report(results: dict[str, Any]) -> None:
             print(f"{label:<32} {rps:>9.0f} req/s  (rounds: {rounds})")
         spread = ", ".join(f"{x:.3f}" for x in e2e["ratio_rounds"])
         print(f"{'ratio with/without':<32} {e2e['ratio_with_without']:>9.3f}        (rounds: {spread})")
+        spread = ", ".join(f"{x:.3f}" for x in e2e["introspection_ratio_rounds"])
+        print(f"{'ratio cached introspection/static':<32} {e2e['introspection_ratio']:>9.3f}        (rounds: {spread})")
+        print(
+            f"introspection endpoint (~{INTROSPECTION_DELAY * 1000:.0f} ms per answer): {e2e['introspections']} "
+            f"introspections for {e2e['introspection_requests']} tools/call requests with one token (ttl 300 s)"
+        )
         if e2e["pinned"]:
             print(f"pinned: {e2e['pinned']}")
         if e2e["socket_errors"]:
@@ -693,7 +833,7 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 async def run_in_process(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict[str, Any], ...]:
-    variants = build_variants()
+    variants = build_variants(args.baseline)
     gc.collect()
     gc.freeze()  # set-up objects out of the collector's way: collections then cost the same in every variant
     await run_micro(variants, args.requests, args.rounds, log)
@@ -717,8 +857,12 @@ def main() -> None:
     parser.add_argument("--e2e-rounds", type=int, help="e2e rounds (default 6, quick 2)")
     parser.add_argument("--e2e-seconds", type=int, help="whole seconds per wrk run (default 2, quick 1)")
     parser.add_argument("--e2e-connections", type=int, default=16, help="wrk connections (default 16)")
-    parser.add_argument("--serve-e2e", choices=("bare", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", metavar="REF", help="also time mcp_bearer.py as it was at this git ref")
+    parser.add_argument("--serve-e2e", choices=("bare", "ours", "introspection", "endpoint"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_e2e == "endpoint":
+        serve_introspection()
+        return
     if args.serve_e2e:
         serve(args.serve_e2e)
         return
