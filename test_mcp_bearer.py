@@ -8,6 +8,7 @@ port and drive it with the SDK's own client. They adapt to mcp 1.x or 2.x.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -2565,6 +2566,31 @@ def test_readme_identity_provider_settings_construct_offline() -> None:
         provider = namespace[name]
         assert isinstance(provider, mcp_bearer.JWTProvider) and provider._key_set_now is None
         assert provider._jwks_url.startswith("https://") and provider._algorithms == ("RS256",)
+
+
+def test_readme_introspection_cache_and_chain_compose_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three blocks in one namespace, as a reader pastes them, with the token services unreachable."""
+    closed = mcp_bearer._listen("127.0.0.1", 0)
+    down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now: every call is refused at once
+    monkeypatch.setenv("MCP_BEARER_CLIENT_SECRET", "cs-readme-Qm4Tn8Wz")
+    SECRETS.update({"cs-readme-Qm4Tn8Wz", "sk-ci-robot"})
+    namespace: dict[str, Any] = {
+        "server": _Server("readme"),
+        "jwt_provider": mcp_bearer.JWTProvider(issuer="i", audience="a", jwks_url=down + "/jwks"),
+    }
+    for marker in ("introspection = IntrospectionProvider(", "provider = CachedProvider(introspection", "api_keys ="):
+        source = readme_block(marker).replace("https://auth.example.com/oauth2/introspect", down + "/introspect")
+        exec(compile(source, "README.md:providers", "exec"), namespace)
+    assert isinstance(namespace["app"], BearerAuthMiddleware)
+    harness = Harness(namespace["provider"])
+    robot = harness.request(bearer("sk-ci-robot"))  # API keys first: no token service asked
+    assert robot.status == 200 and robot.app_calls[0][1].claims["sub"] == "ci-robot"  # type: ignore[union-attr]
+    header = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":"k1"}').rstrip(b"=").decode()
+    for token in ("opaque-Lk2Vb9Xq", f"{header}.e30.c2ln"):  # introspection down; a JWT with the JWKS down
+        SECRETS.add(token)
+        outcome = harness.request(bearer(token))
+        assert outcome.status == 503 and outcome.header("retry-after") is not None, token
 
 
 def test_readme_fastapi_add_middleware_serves_its_docs_and_guards_its_routes() -> None:
