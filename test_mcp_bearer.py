@@ -273,7 +273,7 @@ def bearer(token: str) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", f"Bearer {token}".encode())]
 
 
-# --- the 401/400/500 table (issue 2) ------------------------------------------
+# --- the 401/400/500 table: RFC 6750 section 3 and the refusals we add ------
 
 
 @pytest.mark.parametrize(
@@ -1171,7 +1171,7 @@ def test_servers_websocket_with_a_token_is_accepted_and_knows_its_caller(served:
         assert websocket.recv(timeout=10) == "bob: hello"
 
 
-# --- the MCP authorization spec (issue 3): expiry, scopes, metadata, sessions --
+# --- the MCP authorization spec: expiry, scopes, metadata, sessions -----------
 
 
 @pytest.mark.parametrize(
@@ -2042,7 +2042,7 @@ def test_cli_help_explains_and_every_entry_point_refuses_alike(command: tuple[st
     assert result.stderr.splitlines() == ["mcp_bearer: error: unrecognized arguments: --no-such-option"]
 
 
-# --- hostile requests: the adversarial table and property-based fuzzing (issue 4) ---------
+# --- hostile requests: the adversarial table and property-based fuzzing ---------
 
 # --- helpers for the adversarial table ------------------------------------------
 
@@ -2642,7 +2642,7 @@ def test_module_imports_only_the_standard_library() -> None:
     assert result.returncode == 0, result.stderr
 
 
-# --- provider faults, load, leaks (issue 4) --------------------------------------
+# --- provider faults, load, leaks ------------------------------------------------
 
 RAISE, HANG, WRONG_TYPE, EXPIRED, SLOW = (
     f"sk-{kind}-Vb7Nq2Lx8Rz4" for kind in ("raise", "hang", "wrongtype", "expired", "slow")
