@@ -778,7 +778,8 @@ class CachedProvider(BearerAuthProvider):
             del self._flights[key]
         if generation == self._generation:
             self._keep(key, access)
-        flight.set_result(access)
+        # The waiters copy from a snapshot of their own: this caller may edit its claims before they wake.
+        flight.set_result(_own_access(token, access))
         return access
 
     def _keep(self, key: bytes, access: AccessToken | None) -> None:
