@@ -759,7 +759,10 @@ class CachedProvider(BearerAuthProvider):
         if entry is not None:
             deadline, verdict = entry
             if time.monotonic() < deadline:
-                return None if verdict is None else AccessToken(token, _own_claims(verdict[0]), *verdict[1:])
+                if verdict is None:
+                    return None
+                claims, scopes, expires_at = verdict
+                return AccessToken(token, _own_claims(claims), list(scopes), expires_at)
             del self._entries[key]
         while (flight := self._flights.get(key)) is not None:
             with contextlib.suppress(concurrent.futures.CancelledError):  # its caller went away: ask ourselves
