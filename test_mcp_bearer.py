@@ -3158,8 +3158,7 @@ def test_introspection_refuses_a_bad_configuration_without_echoing_the_secret(
     arguments.update(options)
     with pytest.raises(error, match=match) as refused:
         IntrospectionProvider(**arguments)
-    for secret in (CLIENT_SECRET, quote(CLIENT_SECRET, safe=""), quote_plus(CLIENT_SECRET)):
-        assert secret not in str(refused.value)
+    assert CLIENT_SECRET[:8] not in str(refused.value)  # not even in part, nor as bytes or quoted
 
 
 def test_introspection_repr_names_the_endpoint_never_the_secret_and_construction_is_offline(
