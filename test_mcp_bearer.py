@@ -2404,9 +2404,9 @@ class LookAlike:
 
 
 @contextlib.contextmanager
-def mcp_bearer_log() -> Iterator[list[logging.LogRecord]]:
+def mcp_bearer_log(name: str = "mcp_bearer") -> Iterator[list[logging.LogRecord]]:
     handler = ListHandler()
-    logger = logging.getLogger("mcp_bearer")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     try:
         yield handler.records
@@ -3624,17 +3624,6 @@ def audit_provider() -> ProviderChain:
     return ProviderChain(StaticTokenProvider(TOKENS), CountingProvider({DOWN: ProviderUnavailable("IdP down")}))
 
 
-@contextlib.contextmanager
-def audit_records() -> Iterator[list[logging.LogRecord]]:
-    handler = ListHandler()
-    audit_log = logging.getLogger("mcp_bearer.audit")
-    audit_log.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        audit_log.removeHandler(handler)
-
-
 def request_from(base: str, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
     """One plain HTTP/1.1 request; returns (status, "127.0.0.1:PORT" it came from)."""
     host, port = base.removeprefix("http://").split(":")
@@ -3681,7 +3670,7 @@ def test_e2e_audit_trail_of_a_mixed_run() -> None:
     ]
     SECRETS.add("sk-nobody-Zq8Lm3Wx5Rt")
     expected = []
-    with audit_records() as records, serve(app) as base:
+    with mcp_bearer_log("mcp_bearer.audit") as records, serve(app) as base:
         for token, path, outcome, principal in refused:
             status, client = request_from(base, "POST", path, {"Authorization": f"Bearer {token}"} if token else {})
             code, _, error = outcome.partition(" ")
@@ -3717,7 +3706,7 @@ def test_e2e_audit_trail_of_a_mixed_run() -> None:
 
 
 def test_audit_is_off_by_default_and_must_be_a_bool() -> None:
-    with audit_records() as records:
+    with mcp_bearer_log("mcp_bearer.audit") as records:
         harness = Harness(audit_provider(), required_scopes=["read"])
         statuses = [
             harness.request(headers).status for headers in ([], bearer(BOB), bearer(CAROL_NO_SUB), bearer(DOWN))
