@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import copy
+import functools
 import hashlib
+import hmac
 import http.client
 import importlib
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import socket
 import string
 import subprocess
@@ -24,14 +31,18 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
+from urllib.parse import parse_qs, quote, quote_plus, unquote_plus
 
 import anyio
+import jwt
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mcp.client.session import ClientSession
@@ -49,7 +60,12 @@ from mcp_bearer import (
     AuthenticationError,
     BearerAuthMiddleware,
     BearerAuthProvider,
+    CachedProvider,
     InsufficientScopeError,
+    IntrospectionProvider,
+    JWTProvider,
+    ProviderChain,
+    ProviderUnavailable,
     StaticTokenProvider,
     get_access_token,
     require_auth,
@@ -2407,9 +2423,9 @@ class LookAlike:
 
 
 @contextlib.contextmanager
-def mcp_bearer_log() -> Iterator[list[logging.LogRecord]]:
+def mcp_bearer_log(name: str = "mcp_bearer") -> Iterator[list[logging.LogRecord]]:
     handler = ListHandler()
-    logger = logging.getLogger("mcp_bearer")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     try:
         yield handler.records
@@ -2849,16 +2865,6 @@ def test_memory_stays_bounded_over_100k_requests() -> None:
 # section 2 lists; the key-set rules follow RFC 7517 and what goes wrong in practice: fetches
 # per request, refresh storms from made-up kids, an IdP blip wiping the cache, a blocked loop.
 
-import functools  # noqa: E402 - this section's own imports, kept with it
-import hmac  # noqa: E402
-import math  # noqa: E402
-import secrets  # noqa: E402
-
-import jwt  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: E402
-
-from mcp_bearer import JWTProvider, ProviderUnavailable  # noqa: E402
 
 ISSUER = "https://auth.example.com/"
 AUDIENCE = "https://mcp.example.com/mcp"
@@ -3618,3 +3624,904 @@ def test_jwt_nothing_is_fetched_before_the_first_token(jwks: JWKSEndpoint) -> No
     time.sleep(0.3)
     assert jwks.hits == 0
     assert verify(provider, sign()) is not None and jwks.hits == 1
+
+
+# --- opaque tokens, caching, chains and the audit trail ---------------------------
+#
+# IntrospectionProvider against a real RFC 7662 endpoint on loopback (uvicorn, nothing mocked at the
+# HTTP layer) that authenticates its client (RFC 6749 section 2.3.1) and fails in each way a token
+# service fails in practice. CachedProvider driven directly, where time and concurrency can be
+# steered: what goes wrong in caches is a verdict outliving its token, a stampede on the token
+# service, a shared claims dict, a raw token left in memory. ProviderChain and the audit trail
+# end to end, under real servers and the SDK's client.
+
+
+RESOURCE = "https://mcp.example.com/mcp"
+CLIENT_ID = "mcp:server"  # a colon, so an id sent without RFC 6749 2.3.1 form-encoding splits wrongly
+CLIENT_SECRET = "cs-7Hq:2Lx+9R z/4Vb%ü-Tn8"  # every character Basic or a form could mangle
+WRONG_SECRET = "cs-wrong-Pk3Ym6Wd1Xs9Gh4"
+SECRETS.update({CLIENT_SECRET, WRONG_SECRET})
+for _secret in (CLIENT_SECRET, WRONG_SECRET):  # as they travel: form-encoded, and inside Basic
+    SECRETS.update({quote_plus(_secret), quote(_secret)})
+    SECRETS.add(base64.b64encode(f"{quote_plus(CLIENT_ID)}:{quote_plus(_secret)}".encode()).decode())
+UNAVAILABLE = {"error": "temporarily_unavailable", "error_description": "Token verification is temporarily unavailable"}
+
+
+def opaque(name: str) -> str:
+    """An opaque token as an authorization server issues them, registered with the log scan."""
+    token = f"op-{name}-{hashlib.sha256(name.encode()).hexdigest()[:20]}"
+    SECRETS.add(token)
+    return token
+
+
+ACTIVE = opaque("active")  # aud a list; nested claims
+INACTIVE = opaque("inactive")  # unknown to the endpoint: {"active": false}
+AUD_EXACT = opaque("aud-exact")  # aud the resource itself, as a string
+AUD_OTHER = opaque("aud-other")
+AUD_LIST_OTHER = opaque("aud-list-other")
+AUD_EXTENDED = opaque("aud-extended")  # the resource as a prefix of another: no substring match
+AUD_NONE = opaque("aud-none")
+ACTIVE_STRING = opaque("active-string")  # "active": "true", which is not the JSON literal true
+ACTIVE_ONE = opaque("active-one")
+SCOPE_LIST = opaque("scope-list")  # "scope" must be a space-separated string (RFC 7662 2.2)
+EXP_STRING = opaque("exp-string")  # "exp" must be a NumericDate, a JSON number
+
+
+@dataclass
+class Received:
+    """One request as the endpoint saw it; kept in memory only, since it holds a token and a secret."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    @property
+    def form(self) -> dict[str, list[str]]:
+        return parse_qs(self.body.decode(), keep_blank_values=True)
+
+
+class IntrospectionEndpoint:
+    """An RFC 7662 introspection endpoint that authenticates its client and fails on demand.
+
+    Modes: ok, slow (5 ms), 500, hang (until ``release``), garbage, list (JSON, not an object),
+    oversize (a valid active answer over 1 MiB), redirect (302 to a path that says active to anyone).
+    """
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.reset()
+
+    def reset(self) -> None:
+        now = int(time.time())
+        self.mode = "ok"
+        self.requests: list[Received] = []
+        self.release = threading.Event()
+        self.answers: dict[str, dict[str, Any]] = {
+            ACTIVE: {
+                "active": True,
+                "sub": "dana",
+                "scope": "mcp:tools read",
+                "exp": now + 3600,
+                "aud": [RESOURCE, "https://other.example.com"],
+                "client_id": "desktop-app",
+                "groups": ["ops", "dev"],
+            },
+            AUD_EXACT: {"active": True, "sub": "erin", "aud": RESOURCE},
+            AUD_OTHER: {"active": True, "sub": "erin", "aud": "https://other.example.com"},
+            AUD_LIST_OTHER: {"active": True, "sub": "erin", "aud": ["https://other.example.com"]},
+            AUD_EXTENDED: {"active": True, "sub": "erin", "aud": RESOURCE + "/admin"},
+            AUD_NONE: {"active": True, "sub": "erin"},
+            ACTIVE_STRING: {"active": "true", "sub": "mallory"},
+            ACTIVE_ONE: {"active": 1, "sub": "mallory"},
+            SCOPE_LIST: {"active": True, "sub": "x", "scope": ["read"]},
+            EXP_STRING: {"active": True, "sub": "x", "exp": str(now + 3600)},
+        }
+
+    @property
+    def introspections(self) -> list[Received]:
+        return [r for r in self.requests if r.path == "/introspect"]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in scope["headers"]]
+        request = Received(scope["method"], scope["path"], headers, body)
+        self.requests.append(request)
+        status, extra, payload = await self.answer(request)
+        headers_out = [(b"content-type", b"application/json"), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": headers_out})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def answer(self, request: Received) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if request.path == "/redirected":  # where the redirect points: it would let anyone in
+            return 200, [], json.dumps({"active": True, "sub": "redirected", "scope": "admin"}).encode()
+        if self.mode == "hang":
+            deadline = time.monotonic() + 10
+            while not self.release.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        elif self.mode == "slow":
+            await asyncio.sleep(0.005)
+        if self.mode == "500":
+            return 500, [], b'{"error": "server_error"}'
+        if self.mode == "redirect":
+            return 302, [(b"location", b"/redirected")], b""
+        if self.mode == "garbage":
+            return 200, [], b"<html>not json</html>"
+        if self.mode == "list":
+            return 200, [], b'[{"active": true, "sub": "dana"}]'
+        if self.mode == "oversize":
+            return 200, [], json.dumps({"active": True, "sub": "big", "padding": "x" * (1 << 20)}).encode()
+        # RFC 7662 section 2.1: a form-encoded POST, from an authenticated client, naming one token.
+        if request.method != "POST" or request.header("content-type") != ["application/x-www-form-urlencoded"]:
+            return 400, [], b'{"error": "invalid_request"}'
+        if not self.authenticated(request):
+            return 401, [(b"www-authenticate", b'Basic realm="introspection"')], b'{"error": "invalid_client"}'
+        tokens = request.form.get("token", [])
+        if len(tokens) != 1:
+            return 400, [], b'{"error": "invalid_request"}'
+        return 200, [], json.dumps(self.answers.get(tokens[0], {"active": False})).encode()
+
+    @staticmethod
+    def authenticated(request: Received) -> bool:
+        """RFC 6749 section 2.3.1: Basic over the form-encoded id and secret, or both in the form; never both."""
+        form, basic = request.form, request.header("authorization")
+        if basic and ("client_id" in form or "client_secret" in form):  # "MUST NOT use more than one method"
+            return False
+        if not basic:
+            return form.get("client_id") == [CLIENT_ID] and form.get("client_secret") == [CLIENT_SECRET]
+        scheme, _, encoded = basic[0].partition(" ")
+        try:
+            client_id, colon, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except ValueError:
+            return False
+        if len(basic) != 1 or scheme != "Basic" or not colon:
+            return False
+        return (unquote_plus(client_id), unquote_plus(secret)) == (CLIENT_ID, CLIENT_SECRET)
+
+
+@pytest.fixture(scope="module")
+def introspection_server() -> Iterator[IntrospectionEndpoint]:
+    endpoint = IntrospectionEndpoint()
+    with serve(endpoint) as base:
+        endpoint.url = base + "/introspect"
+        yield endpoint
+
+
+@pytest.fixture
+def introspection(introspection_server: IntrospectionEndpoint) -> Iterator[IntrospectionEndpoint]:
+    introspection_server.reset()
+    yield introspection_server
+    introspection_server.release.set()  # a hanging answer must not outlive its test
+
+
+def introspector(endpoint: IntrospectionEndpoint, **options: Any) -> IntrospectionProvider:
+    return IntrospectionProvider(endpoint.url, **{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, **options})
+
+
+def ask(provider: BearerAuthProvider, token: str) -> AccessToken | None:
+    return anyio.run(provider.verify_token, token)
+
+
+async def caller(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that answers with the caller's claims as JSON (null on a public path)."""
+    if scope["type"] != "http":
+        return
+    access = get_access_token()
+    body = json.dumps(None if access is None else access.claims).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_introspection_active_token_carries_the_response_as_claims(introspection: IntrospectionEndpoint) -> None:
+    access = ask(introspector(introspection), ACTIVE)
+    assert isinstance(access, AccessToken) and access.token == ACTIVE
+    assert access.claims == introspection.answers[ACTIVE]  # the whole response, "active" included
+    assert access.scopes == ["mcp:tools", "read"]  # RFC 7662 2.2: "scope" is space-separated
+    assert access.expires_at == introspection.answers[ACTIVE]["exp"]
+    (request,) = introspection.requests
+    assert (request.method, request.path) == ("POST", "/introspect")
+    assert request.header("accept") == ["application/json"]
+    assert request.form == {"token": [ACTIVE], "token_type_hint": ["access_token"]}
+    assert ask(introspector(introspection), AUD_NONE) == AccessToken(AUD_NONE, {"active": True, "sub": "erin"})
+
+
+@pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
+def test_introspection_sends_the_client_credentials_as_configured_and_only_so(
+    introspection: IntrospectionEndpoint, auth_method: str
+) -> None:
+    assert ask(introspector(introspection, auth_method=auth_method), ACTIVE) is not None  # the endpoint checked them
+    (request,) = introspection.requests
+    form = request.form
+    assert form["token"] == [ACTIVE] and form["token_type_hint"] == ["access_token"]
+    if auth_method == "client_secret_basic":
+        assert len(request.header("authorization")) == 1 and request.header("authorization")[0].startswith("Basic ")
+        assert set(form) == {"token", "token_type_hint"}  # no id or secret in the body
+        assert CLIENT_SECRET.encode() not in request.body and quote_plus(CLIENT_SECRET).encode() not in request.body
+    else:
+        assert request.header("authorization") == []
+        assert set(form) == {"token", "token_type_hint", "client_id", "client_secret"}
+        assert form["client_id"] == [CLIENT_ID] and form["client_secret"] == [CLIENT_SECRET]
+    assert not [name for name, value in request.headers if CLIENT_SECRET in value or ACTIVE in value]
+
+
+@pytest.mark.parametrize("token", [INACTIVE, ACTIVE_STRING, ACTIVE_ONE], ids=["false", "string-true", "one"])
+def test_introspection_anything_but_active_true_is_no_token(introspection: IntrospectionEndpoint, token: str) -> None:
+    assert ask(introspector(introspection), token) is None  # RFC 7662 2.2: only the JSON literal true
+    assert len(introspection.introspections) == 1
+
+
+@pytest.mark.parametrize(
+    ("token", "passes"),
+    [
+        (ACTIVE, True),  # a list holding the resource
+        (AUD_EXACT, True),  # the resource as a string
+        (AUD_OTHER, False),
+        (AUD_LIST_OTHER, False),
+        (AUD_EXTENDED, False),  # "https://mcp.example.com/mcp/admin" contains the resource, but is not it
+        (AUD_NONE, False),
+    ],
+    ids=["list-holding-it", "string-equal", "string-other", "list-without-it", "string-extending-it", "absent"],
+)
+def test_introspection_audience_must_be_in_aud(introspection: IntrospectionEndpoint, token: str, passes: bool) -> None:
+    """RFC 7662 section 4: a token issued for another resource server must not be accepted here."""
+    access = ask(introspector(introspection, audience=RESOURCE), token)
+    assert (access is not None) == passes
+    assert ask(introspector(introspection), token) is not None  # without audience=, aud is not checked
+
+
+def test_introspection_wrong_client_credentials_are_unavailable_not_a_bad_token(
+    introspection: IntrospectionEndpoint,
+) -> None:
+    """A 401 from the authorization server means our configuration is wrong, not the caller's token."""
+    for auth_method in ("client_secret_basic", "client_secret_post"):
+        with pytest.raises(ProviderUnavailable) as refused:
+            ask(introspector(introspection, client_secret=WRONG_SECRET, auth_method=auth_method), ACTIVE)
+        assert str(refused.value) == "introspection endpoint answered HTTP 401"
+    outcome = Harness(introspector(introspection, client_secret=WRONG_SECRET)).request(bearer(ACTIVE))
+    assert outcome.status == 503 and outcome.app_calls == []
+
+
+def closed_port_url() -> str:
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # closed on exit: connections are refused
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/introspect"
+
+
+@pytest.mark.parametrize(
+    ("mode", "token"),
+    [
+        ("500", ACTIVE),
+        ("hang", ACTIVE),
+        ("garbage", ACTIVE),
+        ("list", ACTIVE),
+        ("oversize", ACTIVE),
+        ("redirect", ACTIVE),
+        ("refused", ACTIVE),
+        ("ok", SCOPE_LIST),
+        ("ok", EXP_STRING),
+    ],
+    ids=["500", "hang", "garbage", "list", "oversize", "redirect", "refused", "scope-list", "exp-string"],
+)
+def test_introspection_without_a_usable_answer_is_503_never_401_nor_a_pass(
+    introspection: IntrospectionEndpoint, mode: str, token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    introspection.mode = "ok" if mode == "refused" else mode
+    url = closed_port_url() if mode == "refused" else introspection.url
+    provider = IntrospectionProvider(url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailable) as refused:
+        ask(provider, token)
+    assert time.monotonic() - started < 1.5  # the timeout holds: 0.5 s, not the endpoint's 10 s hang
+    for secret in (token, CLIENT_SECRET, quote_plus(CLIENT_SECRET)):
+        assert secret not in str(refused.value) and secret not in repr(refused.value)
+    with caplog.at_level(logging.DEBUG, logger="mcp_bearer"):
+        outcome = Harness(provider).request(bearer(token))
+    assert_well_formed_http(outcome.messages)
+    assert outcome.status == 503 and outcome.json() == UNAVAILABLE and outcome.app_calls == []
+    assert outcome.header("retry-after") == "5" and outcome.header("www-authenticate") is None
+    assert [r.levelno for r in caplog.records if r.name == "mcp_bearer"] == [logging.WARNING]
+    assert not [r for r in introspection.requests if r.path == "/redirected"]  # the redirect was not followed
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"url": "http://auth.example.com/introspect"}, ValueError, "must use https://"),
+        ({"url": f"https://mcp:{quote(CLIENT_SECRET, safe='')}@auth.example.com/x"}, ValueError, "user:password@"),
+        ({"url": "ftp://auth.example.com/introspect"}, ValueError, "https://"),
+        ({"url": "https://auth.example.com/introspect#x"}, ValueError, "fragment"),
+        ({"url": None}, TypeError, "url must be a str"),
+        ({"auth_method": "private_key_jwt"}, ValueError, "auth_method must be"),
+        ({"auth_method": "none"}, ValueError, "auth_method must be"),
+        ({"client_id": ""}, TypeError, "client_id must be a non-empty str"),
+        ({"client_secret": ""}, TypeError, "client_secret must be a non-empty str"),
+        ({"client_secret": None}, TypeError, "client_secret must be a non-empty str"),
+        ({"client_secret": CLIENT_SECRET.encode()}, TypeError, "client_secret must be a non-empty str"),
+        ({"audience": ""}, TypeError, "audience"),
+        ({"audience": [RESOURCE]}, TypeError, "audience"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"timeout": math.nan}, ValueError, "timeout"),
+        ({"timeout": math.inf}, ValueError, "timeout"),
+        ({"timeout": "5"}, TypeError, "timeout"),
+        ({"timeout": True}, TypeError, "timeout"),
+    ],
+)
+def test_introspection_refuses_a_bad_configuration_without_echoing_the_secret(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    arguments = {"url": "https://auth.example.com/introspect", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+    arguments.update(options)
+    with pytest.raises(error, match=match) as refused:
+        IntrospectionProvider(**arguments)
+    assert CLIENT_SECRET[:8] not in str(refused.value)  # not even in part, nor as bytes or quoted
+
+
+def test_introspection_repr_names_the_endpoint_never_the_secret_and_construction_is_offline(
+    introspection: IntrospectionEndpoint,
+) -> None:
+    for auth_method in ("client_secret_basic", "client_secret_post"):
+        text = repr(introspector(introspection, auth_method=auth_method, audience=RESOURCE))
+        assert introspection.url in text and CLIENT_ID in text and RESOURCE in text
+        assert not [s for s in SECRETS if s in text]
+    for url in ("http://localhost:1/x", "http://127.0.0.2/x", "http://[::1]:1/x", "https://auth.example.com/x"):
+        IntrospectionProvider(url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)  # loopback http is allowed
+    assert introspection.requests == []  # a server starts while its token service is down
+
+
+def test_introspection_never_blocks_the_event_loop(introspection: IntrospectionEndpoint) -> None:
+    """While the token service hangs, API-key callers and public paths on the same server answer at once."""
+    provider = ProviderChain(StaticTokenProvider(TOKENS), introspector(introspection, timeout=3.0))
+    introspection.mode = "hang"
+    hung: list[Any] = []
+    with serve(BearerAuthMiddleware(caller, provider)) as base:
+        waiting = threading.Thread(
+            target=lambda: hung.append(raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {ACTIVE}"}))
+        )
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while not introspection.requests:
+            assert time.monotonic() < deadline, "the introspection request never arrived"
+            time.sleep(0.005)
+        started = time.monotonic()
+        status, _, body = raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {BOB}"})
+        assert (status, json.loads(body)["sub"]) == (200, "bob")
+        assert raw_request(base, "GET", "/health")[0] == 200
+        assert time.monotonic() - started < 1.0 and waiting.is_alive()
+        introspection.release.set()  # the token service answers after all: the waiting caller gets in
+        waiting.join(5)
+    assert hung[0][0] == 200 and json.loads(hung[0][2])["sub"] == "dana"
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn-trio"])
+def test_e2e_introspected_claims_reach_whoami(introspection: IntrospectionEndpoint, server: str) -> None:
+    """The SDK's client and tool, an opaque token, one introspection for the whole session (asyncio and trio)."""
+    provider = CachedProvider(introspector(introspection, audience=RESOURCE))
+    # Built outside any event loop, as a server process builds it: its locks then fit trio too.
+    app = BearerAuthMiddleware(mcp_app(whoami), provider, required_scopes=["mcp:tools"])
+
+    async def whoami_over_mcp(url: str) -> Any:
+        async with mcp_session(url, ACTIVE) as (session, _):
+            return await call_json(session, "whoami")
+
+    with serve_with(server, app) as base:
+        seen = anyio.run(whoami_over_mcp, base + "/mcp")
+        assert seen == {"token": fingerprint(ACTIVE), "claims": introspection.answers[ACTIVE]}
+        status, _, body = raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {AUD_OTHER}"})
+        assert (status, json.loads(body)) == (401, INVALID_TOKEN)
+    assert [r.form["token"] for r in introspection.introspections] == [[ACTIVE], [AUD_OTHER]]
+
+
+class CountingProvider(BearerAuthProvider):
+    """Answers from a table after ``delay`` seconds, counting calls: a fresh copy of an AccessToken,
+    an exception raised, any other value as it is; a token not in the table is None."""
+
+    def __init__(self, answers: dict[str, Any] | None = None, delay: float = 0.0) -> None:
+        self.answers = answers or {}
+        self.delay = delay
+        self.calls: list[str] = []
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        self.calls.append(token)
+        await anyio.sleep(self.delay)
+        answer = self.answers.get(token)
+        if isinstance(answer, BaseException):
+            raise answer
+        if isinstance(answer, AccessToken):
+            return AccessToken(token, copy.deepcopy(answer.claims), list(answer.scopes), answer.expires_at)
+        return answer  # type: ignore[no-any-return]
+
+
+def verdict(sub: str = "dana", expires_in: float | None = 300.0, **claims: Any) -> AccessToken:
+    """What a token service says about a good token; the token itself is filled in per request."""
+    expires_at = None if expires_in is None else time.time() + expires_in
+    return AccessToken("", {"sub": sub, "groups": ["ops", "dev"], **claims}, ["read"], expires_at)
+
+
+T1, T2, T3, T4, T5 = (opaque(f"cached-{n}") for n in range(1, 6))
+
+
+async def together(n: int, call: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """``n`` concurrent calls; each result, or the exception it raised."""
+    results: list[Any] = [None] * n
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await call()
+        except Exception as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as group:
+        for i in range(n):
+            group.start_soon(one, i)
+    return results
+
+
+def test_cache_remembers_a_verdict_for_ttl_then_asks_again() -> None:
+    provider = CountingProvider({T1: verdict()})
+    cache = CachedProvider(provider, ttl=0.2)
+    first, second = ask(cache, T1), ask(cache, T1)
+    assert first is not None and second is not None and provider.calls == [T1]
+    assert second.token == T1 and second.claims == {"sub": "dana", "groups": ["ops", "dev"]}
+    assert second.scopes == ["read"] and second.expires_at == first.expires_at
+    time.sleep(0.25)
+    assert ask(cache, T1) is not None and provider.calls == [T1, T1]
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "kept_for"),
+    [(0.2, 0.2), (-1.0, 0.0), (math.nan, 0.0), (None, 300.0)],
+    ids=["expires-before-ttl", "already-expired", "nan", "no-expiry"],
+)
+def test_cache_never_outlives_the_tokens_own_expiry(expires_in: float | None, kept_for: float) -> None:
+    provider = CountingProvider({T1: verdict(expires_in=expires_in)})
+    cache = CachedProvider(provider, ttl=300)
+    ask(cache, T1)
+    ask(cache, T1)
+    assert len(provider.calls) == (1 if kept_for else 2)
+    time.sleep(0.25)
+    ask(cache, T1)
+    assert len(provider.calls) == (2 if kept_for == 0.2 else 1 if kept_for else 3)
+
+
+@pytest.mark.parametrize("negative_ttl", [0.0, 0.2])
+def test_cache_remembers_no_only_with_a_negative_ttl(negative_ttl: float) -> None:
+    """A bad token repeated by a client (or an attacker) hits the token service once per negative_ttl."""
+    provider = CountingProvider()
+    cache = CachedProvider(provider, negative_ttl=negative_ttl)
+    assert ask(cache, T1) is None and ask(cache, T1) is None
+    assert len(provider.calls) == (1 if negative_ttl else 2)
+    time.sleep(0.25)
+    assert ask(cache, T1) is None and len(provider.calls) == (2 if negative_ttl else 3)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("answer", [verdict(), None], ids=["access-token", "none"])
+def test_cache_single_flight_100_concurrent_first_requests_make_1_call(backend: str, answer: Any) -> None:
+    """No stampede: a burst of new requests with one token costs the token service one call."""
+    provider = CountingProvider({T1: answer}, delay=0.05)
+    cache = CachedProvider(provider)  # negative_ttl 0: the "no" is shared, though not kept
+    results = anyio.run(together, 100, lambda: cache.verify_token(T1), backend=backend)
+    assert provider.calls == [T1]
+    if answer is None:
+        assert results == [None] * 100
+    else:
+        assert all(isinstance(r, AccessToken) and r.token == T1 and r.claims["sub"] == "dana" for r in results)
+        assert len({id(r) for r in results}) == len({id(r.claims) for r in results}) == 100
+        assert len({id(r.claims["groups"]) for r in results}) == len({id(r.scopes) for r in results}) == 100
+
+
+def test_cache_each_request_gets_its_own_token_and_claims() -> None:
+    """A tool that edits its caller's claims (nested lists too) must not edit the next caller's."""
+    cache = CachedProvider(CountingProvider({T1: verdict()}, delay=0.05))
+
+    async def requests() -> list[Any]:
+        async def first() -> AccessToken | None:
+            access = await cache.verify_token(T1)
+            assert access is not None
+            access.claims["groups"].append("admin")  # at once, before any other request runs
+            access.claims["sub"] = "mallory"
+            access.scopes.append("admin")
+            return access
+
+        async def second() -> AccessToken | None:
+            await anyio.sleep(0.01)  # while the first is verifying: it waits for the same verdict
+            return await cache.verify_token(T1)
+
+        async with anyio.create_task_group() as group:
+            results: list[Any] = [None, None]
+
+            async def run(i: int, request: Callable[[], Awaitable[Any]]) -> None:
+                results[i] = await request()
+
+            group.start_soon(run, 0, first)
+            group.start_soon(run, 1, second)
+        cached = await cache.verify_token(T1)
+        assert cached is not None
+        cached.claims["groups"].append("admin")  # a request answered from the cache edits its copy
+        cached.scopes.append("admin")
+        return [*results, cached, await cache.verify_token(T1)]
+
+    mutated, waited, _, cached = anyio.run(requests)
+    for access in (waited, cached):
+        assert access.claims == {"sub": "dana", "groups": ["ops", "dev"]} and access.scopes == ["read"]
+    assert mutated.claims["groups"] == ["ops", "dev", "admin"]
+
+
+def test_cache_is_bounded_and_forgets_the_oldest_first() -> None:
+    provider = CountingProvider(dict.fromkeys((T1, T2, T3, T4, T5), verdict()))
+    cache = CachedProvider(provider, max_entries=3)
+    for token in (T1, T2, T3, T4, T5):
+        ask(cache, token)
+    assert len(cache._entries) == 3
+    for token in (T5, T4, T3):
+        ask(cache, token)
+    assert provider.calls == [T1, T2, T3, T4, T5]  # the newest three were kept
+    ask(cache, T1)
+    assert provider.calls[-1] == T1 and len(cache._entries) == 3
+
+
+def test_cache_invalidate_and_clear_forget_even_a_verdict_in_flight() -> None:
+    """Revocation: after invalidate(token) the token service is asked again, even if it was being asked."""
+    provider = CountingProvider({T1: verdict(), T2: verdict()})
+    cache = CachedProvider(provider)
+    ask(cache, T1), ask(cache, T2)
+    cache.invalidate(T1)
+    ask(cache, T1), ask(cache, T2)
+    assert provider.calls == [T1, T2, T1]
+    cache.clear()
+    ask(cache, T1), ask(cache, T2)
+    assert provider.calls == [T1, T2, T1, T1, T2]
+
+    for forget in (lambda: cache.invalidate(T3), cache.clear):
+        cache.clear()
+        provider.calls.clear()
+        provider.delay = 0.05
+
+        async def forgotten_while_verifying(forget: Callable[[], None] = forget) -> AccessToken | None:
+            async with anyio.create_task_group() as group:
+                group.start_soon(cache.verify_token, T3)
+                await anyio.sleep(0.02)
+                forget()
+            return await cache.verify_token(T3)
+
+        provider.answers[T3] = verdict()
+        assert anyio.run(forgotten_while_verifying) is not None
+        assert provider.calls == [T3, T3]  # the verdict begun before the forgetting was not kept
+
+
+@pytest.mark.parametrize(
+    "failure", [ProviderUnavailable("token service down"), RuntimeError("bug")], ids=["unavailable", "runtime"]
+)
+def test_cache_never_keeps_an_exception_and_every_waiter_sees_it(failure: Exception) -> None:
+    provider = CountingProvider({T1: failure}, delay=0.05)
+    cache = CachedProvider(provider, negative_ttl=60)
+    results = anyio.run(together, 10, lambda: cache.verify_token(T1))
+    assert provider.calls == [T1] and all(isinstance(r, type(failure)) for r in results)
+    with pytest.raises(type(failure)):
+        ask(cache, T1)
+    assert provider.calls == [T1, T1]  # not kept: the next request asks again
+    provider.answers[T1] = verdict()  # the service recovers
+    assert ask(cache, T1) is not None and ask(cache, T1) is not None and len(provider.calls) == 3
+    harness = Harness(CachedProvider(CountingProvider({T1: failure})))
+    assert harness.request(bearer(T1)).status == (503 if isinstance(failure, ProviderUnavailable) else 500)
+
+
+def test_cache_a_cancelled_first_request_leaves_the_others_to_ask_for_themselves() -> None:
+    """A client that hangs up mid-verification must not leave the requests waiting on it stuck."""
+    provider = CountingProvider({T1: verdict()}, delay=0.2)
+    cache = CachedProvider(provider)
+
+    async def scenario() -> list[Any]:
+        leader = anyio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await cache.verify_token(T1)
+
+        with anyio.fail_after(2):
+            async with anyio.create_task_group() as group:
+                group.start_soon(lead)
+                await anyio.sleep(0.05)  # the first request is inside the provider now
+                results: list[Any] = []
+
+                async def follow() -> None:
+                    results.append(await cache.verify_token(T1))
+
+                for _ in range(5):
+                    group.start_soon(follow)
+                await anyio.sleep(0.05)
+                leader.cancel()
+        return results
+
+    started = time.monotonic()
+    results = anyio.run(scenario)
+    assert time.monotonic() - started < 1.0
+    assert len(results) == 5 and all(isinstance(r, AccessToken) and r.token == T1 for r in results)
+    assert provider.calls == [T1, T1]  # one new call for the five, not five
+
+
+def held(root: object) -> Iterator[object]:
+    """Everything a cache's data reaches: containers, AccessTokens and futures opened up; no code, no frames."""
+    stack, seen = [root], set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        yield value
+        if isinstance(value, dict):
+            stack.extend([*value.keys(), *value.values()])
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif isinstance(value, AccessToken):
+            stack.extend([value.token, value.claims, value.scopes, value.expires_at])
+        elif isinstance(value, concurrent.futures.Future) and value.done() and not value.cancelled():
+            stack.append(value.exception() or value.result())
+        elif isinstance(value, BaseException):
+            stack.extend(value.args)
+
+
+def assert_holds_no_token(cache: CachedProvider, tokens: list[str]) -> None:
+    data = {name: value for name, value in vars(cache).items() if name != "_verify"}  # not the wrapped provider
+    values = list(held(data))
+    for token in tokens:
+        assert not [v for v in values if isinstance(v, str) and token in v], "a raw token in the cache"
+        assert not [v for v in values if isinstance(v, (bytes, bytearray)) and token.encode() in v], "token bytes"
+
+
+def test_cache_holds_no_raw_token_in_memory() -> None:
+    """A heap dump or a debugger on the cache must not yield tokens: keys are SHA-256 digests."""
+    tokens = [T1, T2, T3, T4]
+    provider = CountingProvider({T1: verdict(), T2: verdict(note="x"), T4: verdict()}, delay=0.05)
+    cache = CachedProvider(provider, negative_ttl=60)
+
+    async def scenario() -> None:
+        async with anyio.create_task_group() as group:
+            for token in tokens:
+                group.start_soon(cache.verify_token, token)
+            await anyio.sleep(0.02)
+            assert len(cache._flights) == 4
+            assert_holds_no_token(cache, tokens)  # while the verdicts are being fetched
+
+    anyio.run(scenario)
+    assert set(cache._entries) == {hashlib.sha256(t.encode()).digest() for t in tokens}  # T3: a kept "no"
+    assert_holds_no_token(cache, tokens)
+    assert not [s for s in SECRETS if s in repr(cache)]
+    # The walk would see a token if one were kept: the check can fail.
+    cache._entries[b"probe"] = (0.0, ({"token": T1}, [], None))
+    with pytest.raises(AssertionError, match="raw token"):
+        assert_holds_no_token(cache, tokens)
+
+
+class SyncVerifier:
+    def verify_token(self, token: str) -> AccessToken | None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("provider", "options", "error", "match"),
+    [
+        (SyncVerifier(), {}, TypeError, "must be an async method"),
+        (object(), {}, TypeError, "must be an async method"),
+        (CountingProvider(), {"ttl": 0}, ValueError, "ttl"),
+        (CountingProvider(), {"ttl": -1}, ValueError, "ttl"),
+        (CountingProvider(), {"ttl": math.inf}, ValueError, "ttl"),
+        (CountingProvider(), {"ttl": math.nan}, ValueError, "ttl"),
+        (CountingProvider(), {"ttl": "300"}, TypeError, "ttl"),
+        (CountingProvider(), {"negative_ttl": -1}, ValueError, "negative_ttl"),
+        (CountingProvider(), {"negative_ttl": math.nan}, ValueError, "negative_ttl"),
+        (CountingProvider(), {"negative_ttl": None}, TypeError, "negative_ttl"),
+        (CountingProvider(), {"max_entries": 0}, ValueError, "max_entries"),
+        (CountingProvider(), {"max_entries": 2.5}, ValueError, "max_entries"),
+        (CountingProvider(), {"max_entries": True}, ValueError, "max_entries"),
+    ],
+)
+def test_cache_refuses_a_bad_configuration(
+    provider: Any, options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        CachedProvider(provider, **options)
+    CachedProvider(CountingProvider(), ttl=0.001, negative_ttl=0, max_entries=1)  # the smallest allowed
+
+
+def test_e2e_cached_introspection_asks_once_for_20_concurrent_requests_and_forgets_a_revoked_token(
+    introspection: IntrospectionEndpoint,
+) -> None:
+    introspection.mode = "slow"  # 5 ms per answer: the 20 requests overlap it
+    cache = CachedProvider(introspector(introspection))
+    headers = {"Authorization": f"Bearer {ACTIVE}"}
+    with serve(BearerAuthMiddleware(caller, cache)) as base:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: raw_request(base, "GET", "/mcp", headers), range(20)))
+        assert [(status, json.loads(body)["sub"]) for status, _, body in answers] == [(200, "dana")] * 20
+        assert len(introspection.introspections) == 1
+        del introspection.answers[ACTIVE]  # revoked at the authorization server
+        assert raw_request(base, "GET", "/mcp", headers)[0] == 200  # still cached: revocation needs invalidate
+        cache.invalidate(ACTIVE)
+        assert raw_request(base, "GET", "/mcp", headers)[0] == 401
+    assert len(introspection.introspections) == 2
+
+
+def test_chain_consults_in_order_the_first_access_token_wins_and_none_moves_on() -> None:
+    first = CountingProvider({T1: verdict("from-first")})
+    second = CountingProvider({T1: verdict("from-second"), T2: verdict("from-second")})
+    chain = ProviderChain(first, second)
+    assert ask(chain, T1).claims["sub"] == "from-first" and second.calls == []  # type: ignore[union-attr]
+    assert ask(chain, T2).claims["sub"] == "from-second"  # type: ignore[union-attr]
+    assert ask(chain, T3) is None  # nobody knows it
+    assert first.calls == [T1, T2, T3] and second.calls == [T2, T3]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [(RuntimeError("token store bug"), 500), (ProviderUnavailable(), 503), ({"sub": "x"}, 500)],
+    ids=["raises", "unavailable", "wrong-type"],
+)
+def test_chain_a_broken_provider_stops_the_chain(answer: Any, status: int) -> None:
+    """A provider that fails is never read as "not mine, try the next": that would hide outages and bugs."""
+    broken, later = CountingProvider({T1: answer}), CountingProvider({T1: verdict()})
+    chain = ProviderChain(broken, later)
+    if isinstance(answer, Exception):
+        with pytest.raises(type(answer)):
+            ask(chain, T1)
+    outcome = Harness(chain).request(bearer(T1))
+    assert outcome.status == status and outcome.app_calls == [] and later.calls == []
+    assert (outcome.header("retry-after") is not None) == (status == 503)
+
+
+def jwt_shaped(claims: dict[str, Any]) -> str:
+    """Three base64url segments with an RS256 header: what JWTProvider takes to be its own."""
+    segments = [{"alg": "RS256", "kid": "key-1", "typ": "JWT"}, claims]
+    encoded = [base64.urlsafe_b64encode(json.dumps(s).encode()).rstrip(b"=").decode() for s in segments]
+    token = ".".join([*encoded, "c2lnbmF0dXJl"])
+    SECRETS.add(token)
+    return token
+
+
+def test_e2e_chain_api_key_callers_get_in_while_the_jwks_endpoint_is_down(introspection: IntrospectionEndpoint) -> None:
+    """API keys first, then JWTs: an IdP outage costs the JWT callers a 503, not the API-key callers anything."""
+    introspection.mode = "500"  # the loopback server stands in for an IdP whose JWKS endpoint is down
+    jwks_url = introspection.url.replace("/introspect", "/jwks")
+    jwts = JWTProvider(issuer="https://auth.example.com/", audience=RESOURCE, jwks_url=jwks_url, jwks_timeout=1.0)
+    app = BearerAuthMiddleware(caller, ProviderChain(StaticTokenProvider(TOKENS), jwts))
+    token = jwt_shaped({"iss": "https://auth.example.com/", "aud": RESOURCE, "sub": "jay", "exp": time.time() + 60})
+    with serve(app) as base:
+        for key, sub in ((BOB, "bob"), (ALICE_1, "alice")):
+            status, _, body = raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {key}"})
+            assert (status, json.loads(body)["sub"]) == (200, sub)
+        assert raw_request(base, "GET", "/mcp", {"Authorization": "Bearer sk-nobody-Zq8Lm3Wx"})[0] == 401
+        assert introspection.requests == []  # not one JWKS fetch on behalf of a non-JWT
+        status, headers, body = raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {token}"})
+        assert (status, json.loads(body)) == (503, UNAVAILABLE) and int(headers["retry-after"]) >= 1
+        assert [r.path for r in introspection.requests] == ["/jwks"]  # the JWT did go to the IdP
+        assert raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {BOB}"})[0] == 200
+    assert len(introspection.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("providers", "error", "match"),
+    [
+        ((), ValueError, "at least one provider"),
+        ((StaticTokenProvider(TOKENS), SyncVerifier()), TypeError, "provider #2: SyncVerifier.verify_token must be"),
+        ((object(),), TypeError, "provider #1"),
+    ],
+)
+def test_chain_refuses_a_bad_configuration(providers: tuple[Any, ...], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        ProviderChain(*providers)
+
+
+DOWN = opaque("down")  # its provider cannot decide: 503
+AUDIT_FIELDS = ("outcome", "status", "error", "method", "path", "client", "principal")  # as in record.mcp_bearer
+
+
+def audit_provider() -> ProviderChain:
+    return ProviderChain(StaticTokenProvider(TOKENS), CountingProvider({DOWN: ProviderUnavailable("IdP down")}))
+
+
+def request_from(base: str, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """One plain HTTP/1.1 request; returns (status, "127.0.0.1:PORT" it came from)."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=20)
+    try:
+        connection.connect()
+        client = ":".join(map(str, connection.sock.getsockname()[:2]))
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        response.read()
+        return response.status, client
+    finally:
+        connection.close()
+
+
+def short_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def test_e2e_audit_trail_of_a_mixed_run() -> None:
+    """One INFO record per decision, for people and for JSON formatters alike; never a token."""
+    reached: list[str] = []  # the client address of every request the app was given
+
+    async def noting(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            reached.append(":".join(map(str, scope["client"])))
+        await inner(scope, receive, send)
+
+    inner = mcp_app(whoami)
+    app = BearerAuthMiddleware(noting, audit_provider(), audit=True, required_scopes=["write"])
+
+    async def whoami_over_mcp(url: str) -> Any:
+        async with mcp_session(url, BOB) as (session, _):
+            return await call_json(session, "whoami")
+
+    refused = [  # (token or header, path) -> what the trail must say
+        (None, "/mcp", "401 unauthorized", None),
+        ("sk-nobody-Zq8Lm3Wx5Rt", "/mcp", "401 invalid_token", short_digest("sk-nobody-Zq8Lm3Wx5Rt")),
+        (ALICE_1, "/mcp", "403 insufficient_scope", "alice"),  # read, not write
+        (CAROL_NO_SUB, "/mcp", "403 insufficient_scope", short_digest(CAROL_NO_SUB)),  # no sub: a digest
+        (DOWN, "/mcp", "503 temporarily_unavailable", short_digest(DOWN)),
+        ("a b", "/mcp", "400 invalid_request", None),  # malformed: no token to name
+        (None, "/mcp%0d%0aforged", "401 unauthorized", None),  # an encoded CR LF in the path
+    ]
+    SECRETS.add("sk-nobody-Zq8Lm3Wx5Rt")
+    expected = []
+    with mcp_bearer_log("mcp_bearer.audit") as records, serve(app) as base:
+        for token, path, outcome, principal in refused:
+            status, client = request_from(base, "POST", path, {"Authorization": f"Bearer {token}"} if token else {})
+            code, _, error = outcome.partition(" ")
+            assert status == int(code)
+            decoded = path.replace("%0d%0a", "\r\n")
+            expected.append((outcome, int(code), error, "POST", decoded, client, principal))
+        assert len(records) == len(refused)  # each written before its response, refusals included
+        assert anyio.run(whoami_over_mcp, base + "/mcp")["claims"]["sub"] == "bob"
+    denied, allowed = records[: len(refused)], records[len(refused) :]
+    assert [tuple(r.mcp_bearer[k] for k in AUDIT_FIELDS) for r in denied] == expected  # type: ignore[attr-defined]
+    assert len(allowed) == len(reached) and len(allowed) >= 2  # initialize, tools/call, ... : one record each
+    for record in allowed:
+        fields = record.mcp_bearer  # type: ignore[attr-defined]
+        assert (fields["outcome"], fields["status"], fields["error"]) == ("allowed", None, None)
+        assert (fields["path"], fields["principal"]) == ("/mcp", "bob") and fields["method"] in (
+            "POST",
+            "GET",
+            "DELETE",
+        )
+    assert sorted(r.mcp_bearer["client"] for r in allowed) == sorted(reached)  # type: ignore[attr-defined]
+    used = [BOB, ALICE_1, CAROL_NO_SUB, DOWN, "sk-nobody-Zq8Lm3Wx5Rt"]
+    for record in records:
+        fields = record.mcp_bearer  # type: ignore[attr-defined]
+        assert (record.name, record.levelno, set(fields)) == ("mcp_bearer.audit", logging.INFO, set(AUDIT_FIELDS))
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", fields["client"])
+        message = record.getMessage()
+        outcome, method, path, client, principal = (
+            fields[k] for k in ("outcome", "method", "path", "client", "principal")
+        )
+        assert message == f"{outcome}: {method} {path!r} from {client}, principal {principal}"
+        assert "\n" not in logging.Formatter().format(record) and "\r" not in message  # no forged second line
+        assert not [t for t in used if t in message or t in repr(vars(record))]
+
+
+def test_audit_is_off_by_default_and_must_be_a_bool() -> None:
+    with mcp_bearer_log("mcp_bearer.audit") as records:
+        harness = Harness(audit_provider(), required_scopes=["read"])
+        statuses = [
+            harness.request(headers).status for headers in ([], bearer(BOB), bearer(CAROL_NO_SUB), bearer(DOWN))
+        ]
+        assert statuses == [401, 200, 403, 503]
+        assert records == []
+        audited = Harness(audit_provider(), audit=True)  # without required scopes, a token without sub gets in
+        assert audited.request(bearer(CAROL_NO_SUB)).status == 200
+        assert [r.mcp_bearer["principal"] for r in records] == [short_digest(CAROL_NO_SUB)]  # type: ignore[attr-defined]
+    for wrong in ("yes", 1, None):
+        with pytest.raises(TypeError, match="audit must be True or False"):
+            BearerAuthMiddleware(caller, audit_provider(), audit=wrong)  # type: ignore[arg-type]
