@@ -110,6 +110,7 @@ MALFORMED = {"error": "invalid_request", "error_description": "Malformed Authori
 SERVER_ERROR = {"error": "server_error", "error_description": "Authentication failed unexpectedly"}
 NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: "
 SESSION_NOT_FOUND = {"error": "session_not_found", "error_description": "Session not found"}
+UNAVAILABLE = {"error": "temporarily_unavailable", "error_description": "Token verification is temporarily unavailable"}
 CHALLENGE_INVALID = 'Bearer error="invalid_token", error_description="Token is invalid or expired"'
 CHALLENGE_MALFORMED = 'Bearer error="invalid_request", error_description="Malformed Authorization header"'
 
@@ -2872,7 +2873,6 @@ ALL_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 HMAC_SECRET = "hs-secret-4c1d9e7f2a8b6d3e5f0a9c8b7e6d5f4a3b2c1d0e"  # 46 bytes: over HS256's 32
 SECRETS.add(HMAC_SECRET)
 DROP = object()  # a claim value meaning "leave the claim out"
-UNAVAILABLE = {"error": "temporarily_unavailable", "error_description": "Token verification is temporarily unavailable"}
 
 
 @functools.cache
@@ -3644,7 +3644,6 @@ SECRETS.update({CLIENT_SECRET, WRONG_SECRET})
 for _secret in (CLIENT_SECRET, WRONG_SECRET):  # as they travel: form-encoded, and inside Basic
     SECRETS.update({quote_plus(_secret), quote(_secret)})
     SECRETS.add(base64.b64encode(f"{quote_plus(CLIENT_ID)}:{quote_plus(_secret)}".encode()).decode())
-UNAVAILABLE = {"error": "temporarily_unavailable", "error_description": "Token verification is temporarily unavailable"}
 
 
 def opaque(name: str) -> str:
