@@ -207,7 +207,10 @@ def _worker_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 def _checked_endpoint(name: str, url: object) -> str:
     """A URL this module may fetch: https, or http to a loopback host (development); no userinfo, no fragment."""
-    text = _checked_text(name, url, header=True)
+    try:
+        text = _checked_text(name, url, header=True)
+    except ValueError:  # its message quotes the value, which may hold user:password@
+        raise ValueError(f"{name} must be printable ASCII") from None
     parts = urlsplit(text)
     try:
         host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad port

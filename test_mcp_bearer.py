@@ -1836,9 +1836,16 @@ IMPORTED_MAIN = (sys.executable, "-c", "import sys, mcp_bearer; mcp_bearer.main(
 
 @contextlib.contextmanager
 def cli_server(
-    *args: str, env: dict[str, str] | None = None, cwd: str = REPO, command: tuple[str, ...] = PYTHON_M
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str = REPO,
+    command: tuple[str, ...] = PYTHON_M,
+    stderr: list[str] | None = None,
 ) -> Iterator[tuple[str, list[str]]]:
-    """Run ``COMMAND --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it."""
+    """Run ``COMMAND --port 0 ARGS``; yield (base URL, stdout lines before 'Serving'); stop it.
+
+    ``stderr``, if given, receives the lines the server wrote there, once it has stopped.
+    """
     process = subprocess.Popen(
         [*command, "--port", "0", *args],
         cwd=cwd,
@@ -1861,6 +1868,8 @@ def cli_server(
     finally:
         process.terminate()
         process.wait(20)
+        if stderr is not None and process.stderr is not None:
+            stderr.extend(process.stderr.read().splitlines())
 
 
 def run_cli(
@@ -3570,6 +3579,13 @@ def test_checked_endpoint(url: str, allowed: bool) -> None:
             mcp_bearer._checked_endpoint("jwks_url", url)
 
 
+@pytest.mark.parametrize("url", ["https://u:pw-Hx7Tq2@auth.example.com/\njwks", "https://u:pw-Hx7Tq2@a.example/k"])
+def test_a_refused_endpoint_never_quotes_its_password(url: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        mcp_bearer._checked_endpoint("url", url)
+    assert "pw-Hx7Tq2" not in str(refused.value)
+
+
 def test_http_call_bounds_time_and_size_and_follows_no_redirect(jwks: JWKSEndpoint) -> None:
     url = jwks.url  # type: ignore[attr-defined]
 
@@ -4524,3 +4540,35 @@ def test_audit_is_off_by_default_and_must_be_a_bool() -> None:
     for wrong in ("yes", 1, None):
         with pytest.raises(TypeError, match="audit must be True or False"):
             BearerAuthMiddleware(caller, audit_provider(), audit=wrong)  # type: ignore[arg-type]
+
+
+def test_cli_chains_api_keys_and_cached_introspection_and_prints_the_audit_trail(
+    introspection: IntrospectionEndpoint, tmp_path: Any
+) -> None:
+    """The README's command: API keys first, opaque tokens introspected once per TTL, one audit line each."""
+    (tmp_path / "plain_app.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    sub = scope['state']['access_token'].claims['sub']\n"
+        "    await send({'type': 'http.response.body', 'body': sub.encode()})\n"
+    )
+    (tmp_path / "keys.json").write_text(json.dumps({BOB: {"sub": "bob"}}))
+    args = ["plain_app:app", "--tokens-file", "keys.json", "--introspection-url", introspection.url]
+    args += ["--client-id", CLIENT_ID, "--cache-ttl", "60", "--audit"]
+    stderr: list[str] = []
+    with cli_server(*args, cwd=str(tmp_path), env={"MCP_BEARER_CLIENT_SECRET": CLIENT_SECRET}, stderr=stderr) as (
+        base,
+        _,
+    ):
+        assert raw_request(base, "GET", "/x", {"Authorization": f"Bearer {BOB}"})[2] == b"bob"
+        assert introspection.introspections == []  # an API key never reaches the token service
+        for _ in range(3):
+            assert raw_request(base, "GET", "/x", {"Authorization": f"Bearer {ACTIVE}"})[2] == b"dana"
+        assert len(introspection.introspections) == 1  # the cache answered the other two
+        assert raw_request(base, "GET", "/x", {"Authorization": f"Bearer {INACTIVE}"})[0] == 401
+        assert raw_request(base, "GET", "/x")[0] == 401
+    trail = [line for line in stderr if " mcp_bearer.audit " in line]
+    outcomes = [line.split(" mcp_bearer.audit ", 1)[1].split(":", 1)[0] for line in trail]
+    assert outcomes == ["allowed"] * 4 + ["401 invalid_token", "401 unauthorized"], stderr
+    assert "principal bob" in trail[0] and "principal dana" in trail[1]
+    assert not [line for line in stderr if any(secret in line for secret in (BOB, ACTIVE, INACTIVE, CLIENT_SECRET))]
