@@ -714,25 +714,47 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _own_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy no other request shares: nested lists and dicts (roles, groups) copied too."""
-    return {k: _copied(v) if isinstance(v, (dict, list)) else v for k, v in claims.items()}
-
-
 def _copied(value: Any) -> Any:
-    # Claims are JSON: lists and dicts hold the only mutable parts (copy.deepcopy is ~10x slower).
-    if isinstance(value, dict):
+    """A copy no one else shares. Claims are JSON: lists and dicts are their only mutable parts."""
+    if isinstance(value, Mapping):
         return {k: _copied(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_copied(v) for v in value]
     return value
 
 
+class _Claims:
+    """Claims handed out again and again: ``copy()`` gives each request a copy no other request shares.
+
+    Planned once: a list or dict of plain values copies with ``list()``/``dict()``, five times faster
+    than walking it (roles and groups are usually flat).
+    """
+
+    __slots__ = ("_claims", "_plan")
+
+    def __init__(self, claims: Mapping[str, Any]) -> None:
+        self._claims: dict[str, Any] = _copied(claims)
+        self._plan = tuple((k, _copier(v)) for k, v in self._claims.items() if isinstance(v, (dict, list)))
+
+    def copy(self) -> dict[str, Any]:
+        own = dict(self._claims)
+        for key, copier in self._plan:
+            own[key] = copier(own[key])
+        return own
+
+
+def _copier(value: dict[str, Any] | list[Any]) -> Callable[[Any], Any]:
+    items = value.values() if isinstance(value, dict) else value
+    if any(isinstance(item, (dict, list)) for item in items):
+        return _copied
+    return dict if isinstance(value, dict) else list
+
+
 def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
     """Another request's verdict, for this request: its own AccessToken and claims."""
     if not isinstance(shared, AccessToken):
         return shared  # None, or a wrong type the middleware answers with 500
-    return AccessToken(token, _own_claims(shared.claims), list(shared.scopes), shared.expires_at)
+    return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at)
 
 
 class CachedProvider(BearerAuthProvider):
@@ -757,7 +779,7 @@ class CachedProvider(BearerAuthProvider):
             raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
         self._max_entries = max_entries
         # digest -> (monotonic deadline, (claims, scopes, expires_at) or None for "no")
-        self._entries: dict[bytes, tuple[float, tuple[dict[str, Any], list[str], float | None] | None]] = {}
+        self._entries: dict[bytes, tuple[float, tuple[_Claims, tuple[str, ...], float | None] | None]] = {}
         self._flights: dict[bytes, concurrent.futures.Future[AccessToken | None]] = {}
         self._generation = 0  # bumped by invalidate/clear: a verdict begun before them is not kept
 
@@ -773,7 +795,7 @@ class CachedProvider(BearerAuthProvider):
                 if verdict is None:
                     return None
                 claims, scopes, expires_at = verdict
-                return AccessToken(token, _own_claims(claims), list(scopes), expires_at)
+                return AccessToken(token, claims.copy(), list(scopes), expires_at)
             del self._entries[key]
         while (flight := self._flights.get(key)) is not None:
             with contextlib.suppress(concurrent.futures.CancelledError):  # its caller went away: ask ourselves
@@ -803,7 +825,7 @@ class CachedProvider(BearerAuthProvider):
             if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
                 left = access.expires_at - time.time()
                 ttl = min(ttl, left) if left > 0 else 0
-            verdict = (_own_claims(access.claims), list(access.scopes), access.expires_at)
+            verdict = (_Claims(access.claims), tuple(access.scopes), access.expires_at)
         else:
             return  # not a verdict: the middleware answers it with 500
         if ttl > 0:

@@ -4285,6 +4285,8 @@ def held(root: object) -> Iterator[object]:
             stack.append(value.exception() or value.result())
         elif isinstance(value, BaseException):
             stack.extend(value.args)
+        elif hasattr(type(value), "__slots__") and not isinstance(value, (str, bytes, int, float)):
+            stack.extend(getattr(value, name) for name in type(value).__slots__ if hasattr(value, name))
 
 
 def assert_holds_no_token(cache: CachedProvider, tokens: list[str]) -> None:
@@ -4314,7 +4316,7 @@ def test_cache_holds_no_raw_token_in_memory() -> None:
     assert_holds_no_token(cache, tokens)
     assert not [s for s in SECRETS if s in repr(cache)]
     # The walk would see a token if one were kept: the check can fail.
-    cache._entries[b"probe"] = (0.0, ({"token": T1}, [], None))
+    cache._entries[b"probe"] = (0.0, (mcp_bearer._Claims({"sub": "x", "roles": [{"token": T1}]}), (), None))
     with pytest.raises(AssertionError, match="raw token"):
         assert_holds_no_token(cache, tokens)
 
