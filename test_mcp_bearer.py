@@ -4544,6 +4544,18 @@ def test_audit_is_off_by_default_and_must_be_a_bool() -> None:
             BearerAuthMiddleware(caller, audit_provider(), audit=wrong)  # type: ignore[arg-type]
 
 
+def test_audit_records_decisions_about_tokens_only() -> None:
+    """Public paths, the metadata document and CORS preflights decide nothing about a token: no record."""
+    with mcp_bearer_log("mcp_bearer.audit") as records:
+        harness = Harness(audit_provider(), audit=True, resource="https://mcp.example.com/mcp")
+        assert harness.request(path="/health", method="GET").status == 200
+        assert harness.request(path="/.well-known/oauth-protected-resource", method="GET").status == 200
+        assert harness.request(PREFLIGHT, method="OPTIONS").status == 200
+        assert records == []
+        assert harness.request(method="OPTIONS").status == 401  # not a real preflight: a decision
+        assert [r.mcp_bearer["outcome"] for r in records] == ["401 unauthorized"]  # type: ignore[attr-defined]
+
+
 def test_cli_chains_api_keys_and_cached_introspection_and_prints_the_audit_trail(
     introspection: IntrospectionEndpoint, tmp_path: Any
 ) -> None:
