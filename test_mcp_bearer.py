@@ -2953,6 +2953,20 @@ def rsa_signer(name: str) -> Any:
     return lambda data: jwt.get_algorithm_by_name("RS256").sign(data, private_key(name))
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """A test token service's lifespan: nothing to start, nothing to stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def hang_until(release: threading.Event, seconds: float = 10) -> None:
+    """A token service that stops answering, until its test ends (``release``), or at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not release.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 class JWKSEndpoint:
     """A JWKS endpoint that counts hits and can fail, hang, redirect, send junk or switch key sets."""
 
@@ -2973,16 +2987,11 @@ class JWKSEndpoint:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await answer_lifespan(receive, send)
         self.paths.append(scope["path"])
         status, headers, body = 200, [(b"content-type", b"application/json")], b""
         if self.mode == "hang":
-            deadline, release = time.monotonic() + 10, self.release
-            while not release.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await hang_until(self.release)
         if self.mode == "500":
             status, body = 500, b'{"error": "down"}'
         elif self.mode == "redirect":
@@ -3460,51 +3469,18 @@ async def test_e2e_jwt_whoami_sees_the_tokens_claims_and_scopes(jwks: JWKSEndpoi
 
 def test_e2e_jwt_under_hypercorns_trio_worker(jwks: JWKSEndpoint) -> None:
     """hypercorn --worker-class trio: no asyncio loop; the JWKS fetch is awaited the trio way."""
-    import trio
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
 
     async def hello(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await answer_lifespan(receive, send)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": require_auth().claims["sub"].encode()})
 
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = config.errorlog = None
-    stop = threading.Event()
-    bound: list[str] = []
-
-    async def main() -> None:
-        async def shutdown() -> None:
-            while not stop.is_set():
-                await trio.sleep(0.02)
-
-        app = BearerAuthMiddleware(hello, jwt_provider(jwks.url))  # type: ignore[attr-defined]
-        async with trio.open_nursery() as nursery:
-            bound.extend(
-                await nursery.start(functools.partial(hypercorn_serve, app, config, shutdown_trigger=shutdown))
-            )
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not bound:
-            assert thread.is_alive() and time.monotonic() < deadline, "hypercorn did not start"
-            time.sleep(0.01)
-        base = bound[0]
+    app = BearerAuthMiddleware(hello, jwt_provider(jwks.url))  # type: ignore[attr-defined]
+    with serve_with("hypercorn-trio", app) as base:
         status, _, body = raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {sign(sub='trio-user')}"})
         assert (status, body) == (200, b"trio-user") and jwks.hits == 1
         assert raw_request(base, "GET", "/mcp", {"Authorization": f"Bearer {sign(key='rs2')}"})[0] == 401
-    finally:
-        stop.set()
-        thread.join(20)
-    assert not thread.is_alive()
 
 
 def test_cli_jwks_url_protects_an_app_with_jwt(jwks: JWKSEndpoint) -> None:
@@ -3743,10 +3719,7 @@ class IntrospectionEndpoint:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await answer_lifespan(receive, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -3763,9 +3736,7 @@ class IntrospectionEndpoint:
         if request.path == "/redirected":  # where the redirect points: it would let anyone in
             return 200, [], json.dumps({"active": True, "sub": "redirected", "scope": "admin"}).encode()
         if self.mode == "hang":
-            deadline = time.monotonic() + 10
-            while not self.release.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await hang_until(self.release)
         elif self.mode == "slow":
             await asyncio.sleep(0.005)
         if self.mode == "500":
