@@ -47,7 +47,7 @@ import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn, ParamSpec, TypeVar
+from typing import Any, NamedTuple, NoReturn, ParamSpec, TypeGuard, TypeVar
 from urllib.parse import parse_qsl, quote_plus, unquote, urlencode, urlsplit
 
 __all__ = [
@@ -411,11 +411,16 @@ def _identifiers(name: str, value: object) -> tuple[str, ...]:
 
 
 def _seconds(name: str, value: object, *, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         raise ValueError(f"{name} must be a finite number of seconds, {'>= 0' if zero else '> 0'}: {value!r}")
     return float(value)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    """A JSON number: bool is an int to Python, but true is not 1 in a claim or an option."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _scopes(claims: Mapping[str, Any]) -> list[str] | None:
@@ -570,7 +575,7 @@ class JWTProvider(BearerAuthProvider):
             return None
         scopes = _scopes(claims)
         expires = claims.get("exp")
-        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
+        if expires is not None and not _is_number(expires):
             return None  # PyJWT reads "exp": "123" as a number; an RFC 7519 NumericDate is a JSON number
         if scopes is None:
             return None
@@ -708,10 +713,6 @@ class IntrospectionProvider(BearerAuthProvider):
             if not (audience == self._audience or (isinstance(audience, list) and self._audience in audience)):
                 return None  # RFC 7662 section 4: a token issued for another resource server
         return AccessToken(token, answer, scope.split(), None if expires is None else float(expires))
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _copied(value: Any) -> Any:

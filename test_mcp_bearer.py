@@ -1169,9 +1169,7 @@ def test_servers_what_a_refused_websocket_logs(served: str, path: str, request: 
         with pytest.raises(InvalidStatus):
             websocket_connect(served, path, None)
         # uvicorn logs after the app returns, a moment after the client has its answer.
-        deadline = time.monotonic() + (2 if expected else 0.3)
-        while warnings_of(handler) != expected and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: warnings_of(handler) == expected, 2 if expected else 0.3)
         assert warnings_of(handler) == expected
     finally:
         for logger in loggers:
@@ -1810,6 +1808,13 @@ async def test_e2e_sse_binding_ends_with_the_stream_and_the_table_stays_bounded(
                 assert (await call_json(third, "whoami"))["claims"]["sub"] == "bob"
             await until(lambda: middleware._sessions == {})  # the server notices the client left
         await until(lambda: middleware._sessions == {})
+
+
+def wait_until(condition: Callable[[], object], seconds: float) -> None:
+    """Poll ``condition`` until it holds or ``seconds`` pass; the caller asserts what it needs."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
@@ -3381,9 +3386,7 @@ def test_jwt_failed_refresh_keeps_the_last_good_set(
         assert verify(provider, token) is not None  # a known kid is answered at once from the stale set
         assert time.monotonic() - started < 0.4
         assert verify(provider, sign("RS256", "rs1", "unknown-kid")) is None  # not 503: we still have keys
-        deadline = time.monotonic() + 5
-        while not [r for r in caplog.records if "JWKS fetch" in r.getMessage()] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: [r for r in caplog.records if "JWKS fetch" in r.getMessage()], 5)
     jwks.release.set()
     assert verify(provider, token) is not None
     warnings = [r for r in caplog.records if r.name == "mcp_bearer" and "JWKS fetch" in r.getMessage()]
@@ -3430,9 +3433,7 @@ def test_jwt_hanging_jwks_does_not_delay_other_requests(jwks: JWKSEndpoint) -> N
             target=lambda: slow.append(raw_request(base, "POST", "/mcp", {"Authorization": f"Bearer {token}"})[0])
         )
         waiting.start()
-        deadline = time.monotonic() + 5
-        while jwks.hits == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: jwks.hits > 0, 5)
         assert jwks.hits == 1  # the JWKS fetch is hanging now
         for path, headers in (("/static", {"Authorization": f"Bearer {BOB}"}), ("/health", {})):
             started = time.monotonic()
@@ -3604,9 +3605,7 @@ def test_jwt_stale_set_is_refreshed_in_the_background(jwks: JWKSEndpoint) -> Non
     started = time.monotonic()
     assert verify(provider, sign()) is not None
     assert time.monotonic() - started < 0.5
-    deadline = time.monotonic() + 5
-    while jwks.hits < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: jwks.hits >= 2, 5)
     assert jwks.hits == 2
     jwks.release.set()
 
