@@ -8,10 +8,32 @@ app, :func:`get_access_token` says who is calling.
 
 One file, standard library only: copy it into a project or ``pip install`` it.
 
+Contents, top to bottom (where each guarantee of the README is enforced):
+
+1. Helpers used everywhere: option checks (``TypeError`` for a wrong type, ``ValueError``
+   for a wrong value, the option named), token digests, and ``_Claims``, the one
+   rule by which every provider gives each request claims no other request shares.
+2. Public types: :class:`AccessToken` (its ``repr`` hides the token), the errors.
+3. Providers. :class:`StaticTokenProvider` keeps only digests. ``_http_call`` is the only
+   code that touches the network (worker thread, deadline, size bound, no redirect).
+   ``_JWKSource`` is an issuer's key set over time (cache, cooldown, single flight, last
+   good set); :class:`JWTProvider` applies RFC 8725 around PyJWT's signature check.
+   :class:`IntrospectionProvider` (RFC 7662), :class:`CachedProvider`, :class:`ProviderChain`.
+4. Context helpers: :func:`get_access_token`, :func:`require_auth`, :func:`require_scopes`.
+5. The middleware. ``_Response``: every answer, refusals included, built once at
+   construction (``_Refusals`` holds the RFC 6750 challenges). ``_credentials``: the header
+   scan and the ``Bearer`` syntax (RFC 6750 2.1, RFC 9110 11). ``_SessionOwners``: MCP
+   sessions belong to their creator, on both HTTP transports. ``BearerAuthMiddleware.__call__``
+   runs the request path in order: public paths, credentials, provider (fail closed:
+   500/503, never a pass), expiry and scopes (``_judge``), sessions, then the app with
+   the caller in a context variable and in ``scope["state"]``.
+6. The command line: :func:`main` (``mcp-bearer`` / ``python -m mcp_bearer``).
+
 References:
 - RFC 6750 (Bearer Token Usage): section 2.1 header syntax, section 3 challenges.
 - RFC 9110 section 11 (HTTP authentication): case-insensitive scheme, ``1*SP``.
 - RFC 9728 (OAuth 2.0 Protected Resource Metadata).
+- RFC 8725 (JWT best current practices), RFC 7662 (token introspection).
 - MCP specification, Authorization (2025-06-18 and 2025-11-25) and the
   Streamable HTTP transport's session management.
 """
@@ -108,6 +130,111 @@ _TCHARS = frozenset(
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
+# --- helpers used everywhere ------------------------------------------------------
+# Wrong configuration is refused at construction: TypeError for a wrong type, ValueError
+# for a wrong value, and the message names the option, never a secret it might hold.
+
+
+def _checked_text(name: str, value: object, *, header: bool) -> str:
+    """A str that cannot split or corrupt a header (``header=True``: printable ASCII) or a log line."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    bad = (lambda c: not " " <= c <= "~") if header else (lambda c: c < " " or c == "\x7f")
+    if any(bad(c) for c in value):
+        kind = "printable ASCII" if header else "free of control characters"
+        raise ValueError(f"{name} must be {kind}: {value!r}")
+    return value
+
+
+def _strings(name: str, values: object) -> tuple[str, ...]:
+    # A lone str is iterable too; exclude_paths="/health" would exclude "/", "h", ...
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list or tuple of strings, not {type(values).__name__}")
+    return tuple(_checked_text(name, v, header=False) for v in values)
+
+
+def _scope_tokens(name: str, values: object) -> tuple[str, ...]:
+    """Scopes as RFC 6749 section 3.3 defines them: each a scope-token, so it fits a challenge unescaped."""
+    scopes = _strings(name, values)
+    for scope_token in scopes:
+        if not _SCOPE_TOKEN.fullmatch(scope_token):
+            raise ValueError(f"scope {scope_token!r} is not an RFC 6749 scope-token (no spaces, quotes, backslashes)")
+    return scopes
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    """A JSON number: bool is an int to Python, but true is not 1 in a claim or an option."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a finite number of seconds, {'>= 0' if zero else '> 0'}: {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _quote(value: str) -> str:
+    # RFC 9110 section 5.6.4 quoted-string: escape backslash and double quote.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _copied(value: Any) -> Any:
+    """A copy no one else shares. Claims are JSON: lists and dicts are their only mutable parts."""
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
+
+
+class _Claims:
+    """Claims handed out again and again: ``copy()`` gives each request a copy no other request shares.
+
+    The one copying rule of every provider: a tool that edits its claims (appends to
+    ``claims["groups"]``) never changes what another request sees. Planned once: a flat list
+    or dict copies with ``list()``/``dict()``, five times faster than walking it. Slots, not a
+    closure, so that a debugger or a memory walk sees what an entry holds.
+    """
+
+    __slots__ = ("_claims", "_plan")
+
+    def __init__(self, claims: Mapping[str, Any]) -> None:
+        self._claims: dict[str, Any] = _copied(claims)
+        plan: list[tuple[str, Callable[[Any], Any]]] = []
+        for key, value in self._claims.items():
+            if isinstance(value, (dict, list)):
+                items = value.values() if isinstance(value, dict) else value
+                nested = any(isinstance(item, (dict, list)) for item in items)
+                plan.append((key, _copied if nested else dict if isinstance(value, dict) else list))
+        self._plan = tuple(plan)
+
+    def copy(self) -> dict[str, Any]:
+        claims = self._claims.copy()
+        for key, copier in self._plan:
+            claims[key] = copier(claims[key])
+        return claims
+
+
 # --- public types -------------------------------------------------------------
 
 
@@ -153,8 +280,12 @@ class BearerAuthProvider(abc.ABC):
         """Return an :class:`AccessToken` for a valid token, ``None`` for anything else."""
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+def _verifier(name: str, provider: object) -> Callable[[str], Awaitable[AccessToken | None]]:
+    """``provider.verify_token``, which must be a coroutine function: the middleware awaits it."""
+    verify = getattr(provider, "verify_token", None)
+    if not inspect.iscoroutinefunction(verify):
+        raise TypeError(f"{name}: {type(provider).__name__}.verify_token must be an async method (async def ...)")
+    return verify
 
 
 class StaticTokenProvider(BearerAuthProvider):
@@ -168,7 +299,7 @@ class StaticTokenProvider(BearerAuthProvider):
     def __init__(self, tokens: Mapping[str, Mapping[str, Any]]) -> None:
         if not isinstance(tokens, Mapping):
             raise TypeError(f"tokens must be a mapping of token -> claims, not {type(tokens).__name__}")
-        self._claims_by_digest: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
+        self._by_digest: dict[bytes, tuple[_Claims, tuple[str, ...]]] = {}
         # Errors say which entry by position, never by the token itself.
         for position, (token, claims) in enumerate(tokens.items(), 1):
             if not isinstance(token, str) or not _TOKEN68.fullmatch(token.encode("utf-8", "replace")):
@@ -178,14 +309,17 @@ class StaticTokenProvider(BearerAuthProvider):
             scopes = claims.get("scopes", [])
             if isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes):
                 raise TypeError(f'"scopes" of token #{position} must be a list of strings')
-            self._claims_by_digest[_digest(token)] = (dict(claims), list(scopes))
+            self._by_digest[_digest(token)] = (_Claims(claims), tuple(scopes))
+
+    def __repr__(self) -> str:  # never a token, nor a digest of one
+        return f"StaticTokenProvider({len(self._by_digest)} keys)"
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        entry = self._claims_by_digest.get(_digest(token))
+        entry = self._by_digest.get(_digest(token))
         if entry is None:
             return None
         claims, scopes = entry
-        return AccessToken(token, dict(claims), list(scopes))
+        return AccessToken(token, claims.copy(), list(scopes))
 
 
 # --- network: the one helper that touches it ------------------------------------
@@ -329,7 +463,7 @@ def _http_exchange(url: str, body: bytes | None, headers: dict[str, str], deadli
     return status, b"".join(chunks)
 
 
-# --- JWT access tokens --------------------------------------------------------
+# --- JWT access tokens: the issuer's keys, then the checks around PyJWT -------------
 
 # RFC 7518 section 3.1, RFC 8037 section 3.1: the key type (and curves) each algorithm verifies with.
 _KEY_TYPES: dict[str, tuple[str, tuple[str, ...] | None]] = {
@@ -342,8 +476,9 @@ _KEY_TYPES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "ES256K": ("EC", ("secp256k1",)),
     "EdDSA": ("OKP", ("Ed25519", "Ed448")),
 }
-# RFC 7515 section 7.1: three base64url segments. Anything else (an API key, a JWE) is not ours to judge.
-_JWS_COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# RFC 7515 section 7.1 (compact JWS): three segments of these; anything else (an API key, a JWE) is not ours.
+_BASE64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_MAX_HEADERS_KEPT = 256  # distinct JWS headers remembered: an issuer signs with a handful
 _UNKNOWN_KID = object()
 
 
@@ -358,9 +493,9 @@ class _KeySet(NamedTuple):
 def _jwk_keys(jwt: Any, entry: object, algorithms: Sequence[str]) -> dict[str, Any]:
     """The pinned algorithms one JWKS entry may verify, each with its key object; {} to skip the entry.
 
-    RFC 7517 section 5: entries we cannot use are skipped, not fatal to the set.
-    RFC 8725 section 3.1: a key with an ``alg`` serves that algorithm only, and each
-    algorithm only a key of its own type, so a key is never read as another kind.
+    RFC 7517 section 5: entries we cannot use (not an object, another use, ...) are skipped,
+    not fatal to the set. RFC 8725 section 3.1: a key with an ``alg`` serves that algorithm
+    only, and each algorithm only a key of its own type, so a key is never read as another kind.
     """
     if not isinstance(entry, dict) or "d" in entry:  # a published private key signs for anyone
         return {}
@@ -391,15 +526,91 @@ def _key_set(jwt: Any, document: object, algorithms: Sequence[str]) -> _KeySet:
     fitting: dict[str, list[Any]] = {}
     for entry in document["keys"]:
         keys = _jwk_keys(jwt, entry, algorithms)
-        if "kid" in entry:
-            for algorithm, key in keys.items():
-                by_kid.setdefault(entry["kid"], {}).setdefault(algorithm, key)
+        kid = entry.get("kid") if keys else None  # keys: entry is an object whose kid, if any, is a str
         for algorithm, key in keys.items():
+            if kid is not None:
+                by_kid.setdefault(kid, {}).setdefault(algorithm, key)
             fitting.setdefault(algorithm, []).append(key)
     if not fitting:
         raise ValueError(f"no key usable with {', '.join(algorithms)}")
     sole = {algorithm: keys[0] for algorithm, keys in fitting.items() if len(keys) == 1}
     return _KeySet(time.monotonic(), by_kid, sole)
+
+
+class _JWKSource:
+    """An issuer's JWK Set over time, the key source apart from the verification (as PyJWT's ``JWKSetCache``).
+
+    Fetched on first need in a worker thread, never at construction and never on the event
+    loop; kept ``cache_seconds`` (a stale set still answers while a refresh runs in the
+    background); refetched for an unknown ``kid`` at most once per ``cooldown``, concurrent
+    requests sharing one fetch; the last good set kept when a refresh fails.
+    """
+
+    def __init__(
+        self, jwt: Any, url: str, algorithms: Sequence[str], *, cache_seconds: float, cooldown: float, timeout: float
+    ) -> None:
+        self._jwt = jwt
+        self.url = url
+        self._algorithms = algorithms
+        self._cache_seconds = cache_seconds
+        self._cooldown = cooldown
+        self._timeout = timeout
+        self.key_set: _KeySet | None = None  # installed by the worker thread that fetched it
+        self._fetch: concurrent.futures.Future[None] | None = None
+        self._last_attempt = -math.inf
+        self._lock = threading.Lock()  # held for a few lines, never across I/O
+
+    async def key(self, kid: str | None, algorithm: str) -> Any:
+        """The key for this kid and algorithm; None for a token no key set can verify."""
+        key_set = self.key_set
+        if key_set is not None:
+            key = self._find(key_set, kid, algorithm)
+            if key is not _UNKNOWN_KID:
+                if time.monotonic() - key_set.fetched_at >= self._cache_seconds:
+                    self._start_fetch()  # stale: refresh in the background, answer now with what we have
+                return key
+        fetch = self._start_fetch()  # no key set yet, or a kid we have not seen: rotation, or a made-up kid
+        if fetch is not None:
+            with contextlib.suppress(TimeoutError):  # a slow fetch: answer with whatever set we have
+                await _result(fetch, self._timeout)
+        key_set = self.key_set
+        if key_set is None:
+            retry_after = max(1.0, self._last_attempt + self._cooldown - time.monotonic())
+            raise ProviderUnavailable(retry_after=retry_after)
+        key = self._find(key_set, kid, algorithm)
+        return None if key is _UNKNOWN_KID else key
+
+    @staticmethod
+    def _find(key_set: _KeySet, kid: str | None, algorithm: str) -> Any:
+        if kid is None:  # only when exactly one key could have signed it
+            return key_set.sole.get(algorithm)
+        keys = key_set.by_kid.get(kid)
+        return _UNKNOWN_KID if keys is None else keys.get(algorithm)  # a kid of another key type: None
+
+    def _start_fetch(self) -> concurrent.futures.Future[None] | None:
+        """The fetch in flight, else a new one unless the cooldown forbids it (then None)."""
+        with self._lock:
+            if self._fetch is not None and not self._fetch.done():
+                return self._fetch
+            now = time.monotonic()
+            if now - self._last_attempt < self._cooldown:
+                return None
+            self._last_attempt = now
+            self._fetch = _worker_pool().submit(self._fetch_key_set, now + self._timeout)
+            return self._fetch
+
+    def _fetch_key_set(self, deadline: float) -> None:
+        """In a worker thread: fetch, parse and install a key set; on any failure keep the last good one.
+
+        Installing here, not in a waiting request, keeps the result even if every waiter was cancelled.
+        """
+        try:
+            status, body = _http_exchange(self.url, None, {"accept": "application/json"}, deadline)
+            if status != 200:
+                raise OSError(f"HTTP status {status}")
+            self.key_set = _key_set(self._jwt, json.loads(body), self._algorithms)
+        except Exception as exc:
+            logger.warning(_LOG_JWKS_FAILED, self.url, f"{type(exc).__name__}: {exc}")
 
 
 def _identifiers(name: str, value: object) -> tuple[str, ...]:
@@ -410,17 +621,20 @@ def _identifiers(name: str, value: object) -> tuple[str, ...]:
     return tuple(_checked_text(name, v, header=False) for v in values)
 
 
-def _seconds(name: str, value: object, *, zero: bool = False) -> float:
-    if not _is_number(value):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{name} must be a finite number of seconds, {'>= 0' if zero else '> 0'}: {value!r}")
-    return float(value)
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    """A JSON number: bool is an int to Python, but true is not 1 in a claim or an option."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _pinned_algorithms(algorithms: object) -> tuple[str, ...]:
+    """RFC 8725 section 3.1: the algorithms a provider accepts, fixed by its configuration, never ``none``."""
+    pinned = _strings("algorithms", algorithms)
+    if not pinned:
+        raise ValueError("algorithms must name at least one algorithm, e.g. ('RS256',)")
+    for algorithm in pinned:
+        if algorithm.lower() == "none":
+            raise ValueError("algorithm 'none' means an unsigned token and is never accepted (RFC 8725 3.1)")
+        if algorithm not in _KEY_TYPES:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_KEY_TYPES)}")
+    hmac = [a for a in pinned if a.startswith("HS")]
+    if hmac and len(hmac) != len(pinned):  # RFC 8725 2.1: a public key must never be read as an HMAC secret
+        raise ValueError("HMAC (HS*) algorithms cannot be mixed with public-key algorithms")
+    return pinned
 
 
 def _scopes(claims: Mapping[str, Any]) -> list[str] | None:
@@ -473,51 +687,36 @@ class JWTProvider(BearerAuthProvider):
     ) -> None:
         self._issuer = _identifiers("issuer", issuer)
         self._audience = _identifiers("audience", audience)
-        pinned = _strings("algorithms", algorithms)
-        if not pinned:
-            raise ValueError("algorithms must name at least one algorithm, e.g. ('RS256',)")
-        for algorithm in pinned:
-            if algorithm.lower() == "none":
-                raise ValueError("algorithm 'none' means an unsigned token and is never accepted (RFC 8725 3.1)")
-            if algorithm not in _KEY_TYPES:
-                raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_KEY_TYPES)}")
-        hmac = {a for a in pinned if a.startswith("HS")}
-        if hmac and len(hmac) != len(pinned):  # RFC 8725 2.1: a public key must never be read as an HMAC secret
-            raise ValueError("HMAC (HS*) algorithms cannot be mixed with public-key algorithms")
+        self._algorithms = _pinned_algorithms(algorithms)
+        hmac = self._algorithms[0].startswith("HS")
         if (jwks_url is None) == (key is None):
             raise ValueError("give exactly one of jwks_url= (the issuer's JWKS) and key= (a PEM public key or secret)")
         if hmac and jwks_url is not None:
             raise ValueError("HMAC (HS*) needs a shared secret as key=; a JWKS publishes public keys only")
-        self._required = list(_strings("required_claims", required_claims))
         self._leeway = _seconds("leeway", leeway, zero=True)
-        self._cache_seconds = _seconds("jwks_cache_seconds", jwks_cache_seconds)
-        self._cooldown = _seconds("jwks_refresh_cooldown", jwks_refresh_cooldown, zero=True)
-        self._timeout = _seconds("jwks_timeout", jwks_timeout)
-        self._algorithms = pinned
-        self._jwks_url = None if jwks_url is None else _checked_endpoint("jwks_url", jwks_url)
-
-        message = "JWTProvider needs PyJWT with its crypto extra: pip install 'mcp_bearer[jwt]' (or 'pyjwt[crypto]')"
-        try:
-            self._jwt: Any = importlib.import_module("jwt")
-        except ImportError:
-            raise ImportError(message) from None
-        if not hmac and not self._jwt.algorithms.has_crypto:
-            raise ImportError(message)
         # enforce_minimum_key_length: RFC 7518 3.2 and 3.3 (HMAC secrets, RSA keys of 2048 bits and more).
-        self._options = {"require": self._required, "enforce_minimum_key_length": True}
+        self._options = {
+            "require": list(_strings("required_claims", required_claims)),
+            "enforce_minimum_key_length": True,
+        }
+        cache_seconds = _seconds("jwks_cache_seconds", jwks_cache_seconds)
+        cooldown = _seconds("jwks_refresh_cooldown", jwks_refresh_cooldown, zero=True)
+        timeout = _seconds("jwks_timeout", jwks_timeout)
+        url = None if jwks_url is None else _checked_endpoint("jwks_url", jwks_url)
+        self._jwt: Any = _import_pyjwt(crypto=not hmac)
 
-        # A static key is parsed once, here: no PEM parsing per request.
-        self._static_keys: dict[str, Any] = {}
-        if key is not None:
-            if not isinstance(key, (str, bytes)):
-                raise TypeError(f"key must be a PEM public key or an HMAC secret (str/bytes), not {type(key).__name__}")
-            for algorithm in pinned:
-                self._static_keys[algorithm] = self._prepared_key(algorithm, key)
-
-        self._key_set_now: _KeySet | None = None  # installed by the worker thread that fetched it
-        self._fetch: concurrent.futures.Future[None] | None = None
-        self._last_attempt = -math.inf
-        self._lock = threading.Lock()  # held for a few lines, never across I/O
+        self._jwks: _JWKSource | None = None
+        self._static_keys: dict[str, Any] = {}  # parsed once, here: no PEM parsing per request
+        if url is not None:
+            self._jwks = _JWKSource(
+                self._jwt, url, self._algorithms, cache_seconds=cache_seconds, cooldown=cooldown, timeout=timeout
+            )
+        elif not isinstance(key, (str, bytes)):
+            raise TypeError(f"key must be a PEM public key or an HMAC secret (str/bytes), not {type(key).__name__}")
+        else:
+            self._static_keys = {algorithm: self._prepared_key(algorithm, key) for algorithm in self._algorithms}
+        # header segment -> (alg, kid), or None for a header we refuse: parsed once per distinct header.
+        self._headers: dict[str, tuple[str, str | None] | None] = {}
 
     def _prepared_key(self, algorithm: str, key: str | bytes) -> Any:
         """The key object PyJWT verifies ``algorithm`` with; messages never quote the key."""
@@ -538,27 +737,16 @@ class JWTProvider(BearerAuthProvider):
         return prepared
 
     def __repr__(self) -> str:  # never the key: it may be an HMAC secret
-        source = f"jwks_url={self._jwks_url!r}" if self._jwks_url else "key=..."
+        source = f"jwks_url={self._jwks.url!r}" if self._jwks else "key=..."
         names = f"issuer={self._issuer!r}, audience={self._audience!r}"
         return f"JWTProvider({names}, {source}, algorithms={self._algorithms!r})"
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        shape = _JWS_COMPACT.fullmatch(token)
-        if shape is None:  # not a JWS: no key lookup, no fetch (an API key in a chain never waits on the IdP)
+        header = self._header(token)
+        if header is None:  # not a JWS we accept: no key lookup, no fetch (an API key in a chain never waits)
             return None
-        try:
-            segment = shape[1]
-            header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(header, dict) or "crit" in header:
-            return None
-        algorithm, kid = header.get("alg"), header.get("kid")
-        if not isinstance(algorithm, str) or algorithm not in self._algorithms:  # the header never chooses
-            return None
-        if kid is not None and not isinstance(kid, str):
-            return None
-        key = self._static_keys.get(algorithm) if self._jwks_url is None else await self._jwks_key(kid, algorithm)
+        algorithm, kid = header
+        key = self._static_keys.get(algorithm) if self._jwks is None else await self._jwks.key(kid, algorithm)
         if key is None:
             return None
         try:
@@ -582,69 +770,56 @@ class JWTProvider(BearerAuthProvider):
         # exp + leeway: the middleware refuses at the same instant PyJWT would.
         return AccessToken(token, claims, scopes, None if expires is None else expires + self._leeway)
 
-    async def _jwks_key(self, kid: str | None, algorithm: str) -> Any:
-        """The key for this kid and algorithm; None for a token no key set can verify."""
-        key_set = self._key_set_now
-        if key_set is not None:
-            key = self._find(key_set, kid, algorithm)
-            if key is not _UNKNOWN_KID:
-                if time.monotonic() - key_set.fetched_at >= self._cache_seconds:
-                    self._start_fetch()  # stale: refresh in the background, answer now with what we have
-                return key
-        fetch = self._start_fetch()  # no key set yet, or a kid we have not seen: rotation, or a made-up kid
-        if fetch is not None:
-            with contextlib.suppress(TimeoutError):  # a slow fetch: answer with whatever set we have
-                await _result(fetch, self._timeout)
-        key_set = self._key_set_now
-        if key_set is None:
-            retry_after = max(1.0, self._last_attempt + self._cooldown - time.monotonic())
-            raise ProviderUnavailable(retry_after=retry_after)
-        key = self._find(key_set, kid, algorithm)
-        return None if key is _UNKNOWN_KID else key
+    def _header(self, token: str) -> tuple[str, str | None] | None:
+        """The pinned algorithm and the key id of a compact JWS (RFC 7515 section 7.1), else None.
 
-    @staticmethod
-    def _find(key_set: _KeySet, kid: str | None, algorithm: str) -> Any:
-        if kid is None:  # only when exactly one key could have signed it
-            return key_set.sole.get(algorithm)
-        keys = key_set.by_kid.get(kid)
-        return _UNKNOWN_KID if keys is None else keys.get(algorithm)  # a kid of another key type: None
-
-    def _start_fetch(self) -> concurrent.futures.Future[None] | None:
-        """The fetch in flight, else a new one unless the cooldown forbids it (then None)."""
-        with self._lock:
-            if self._fetch is not None and not self._fetch.done():
-                return self._fetch
-            now = time.monotonic()
-            if now - self._last_attempt < self._cooldown:
-                return None
-            self._last_attempt = now
-            self._fetch = _worker_pool().submit(self._fetch_key_set, now + self._timeout)
-            return self._fetch
-
-    def _fetch_key_set(self, deadline: float) -> None:
-        """In a worker thread: fetch, parse and install a key set; on any failure keep the last good one.
-
-        Installing here, not in a waiting request, keeps the result even if every waiter was cancelled.
+        Three non-empty base64url segments and nothing else: a token PyJWT would also read
+        with stray characters dropped is refused, so one token has one spelling (and one cache
+        entry). Headers repeat across an issuer's tokens, so each distinct one is read once.
         """
-        assert self._jwks_url is not None
+        if not token.isascii() or token.encode().translate(None, _BASE64URL) != b"..":
+            return None
+        if token[0] == "." or token[-1] == "." or ".." in token:
+            return None
+        segment = token[: token.index(".")]
         try:
-            status, body = _http_exchange(self._jwks_url, None, {"accept": "application/json"}, deadline)
-            if status != 200:
-                raise OSError(f"HTTP status {status}")
-            self._key_set_now = _key_set(self._jwt, json.loads(body), self._algorithms)
-        except Exception as exc:
-            logger.warning(_LOG_JWKS_FAILED, self._jwks_url, f"{type(exc).__name__}: {exc}")
+            return self._headers[segment]
+        except KeyError:
+            pass
+        header = self._read_header(segment)
+        if len(self._headers) >= _MAX_HEADERS_KEPT:
+            del self._headers[next(iter(self._headers))]
+        self._headers[segment] = header
+        return header
+
+    def _read_header(self, segment: str) -> tuple[str, str | None] | None:
+        try:
+            header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(header, dict) or "crit" in header:
+            return None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:  # the header never chooses
+            return None
+        if kid is not None and not isinstance(kid, str):
+            return None
+        return algorithm, kid
+
+
+def _import_pyjwt(*, crypto: bool) -> Any:
+    """PyJWT, imported when a JWTProvider is built, never at module import."""
+    message = "JWTProvider needs PyJWT with its crypto extra: pip install 'mcp_bearer[jwt]' (or 'pyjwt[crypto]')"
+    try:
+        jwt: Any = importlib.import_module("jwt")
+    except ImportError:
+        raise ImportError(message) from None
+    if crypto and not jwt.algorithms.has_crypto:
+        raise ImportError(message)
+    return jwt
 
 
 # --- opaque tokens, caching, chains ---------------------------------------------
-
-
-def _verifier(name: str, provider: object) -> Callable[[str], Awaitable[AccessToken | None]]:
-    """``provider.verify_token``, which must be a coroutine function: the middleware awaits it."""
-    verify = getattr(provider, "verify_token", None)
-    if not inspect.iscoroutinefunction(verify):
-        raise TypeError(f"{name}: {type(provider).__name__}.verify_token must be an async method (async def ...)")
-    return verify
 
 
 class IntrospectionProvider(BearerAuthProvider):
@@ -715,47 +890,12 @@ class IntrospectionProvider(BearerAuthProvider):
         return AccessToken(token, answer, scope.split(), None if expires is None else float(expires))
 
 
-def _copied(value: Any) -> Any:
-    """A copy no one else shares. Claims are JSON: lists and dicts are their only mutable parts."""
-    if isinstance(value, Mapping):
-        return {k: _copied(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copied(v) for v in value]
-    return value
+class _Verdict(NamedTuple):
+    """A kept "yes": claims (as a copier), scopes, expiry; never the token."""
 
-
-class _Claims:
-    """Claims handed out again and again: ``copy()`` gives each request a copy no other request shares.
-
-    Planned once: a list or dict of plain values copies with ``list()``/``dict()``, five times faster
-    than walking it (roles and groups are usually flat).
-    """
-
-    __slots__ = ("_claims", "_plan")
-
-    def __init__(self, claims: Mapping[str, Any]) -> None:
-        self._claims: dict[str, Any] = _copied(claims)
-        self._plan = tuple((k, _copier(v)) for k, v in self._claims.items() if isinstance(v, (dict, list)))
-
-    def copy(self) -> dict[str, Any]:
-        own = dict(self._claims)
-        for key, copier in self._plan:
-            own[key] = copier(own[key])
-        return own
-
-
-def _copier(value: dict[str, Any] | list[Any]) -> Callable[[Any], Any]:
-    items = value.values() if isinstance(value, dict) else value
-    if any(isinstance(item, (dict, list)) for item in items):
-        return _copied
-    return dict if isinstance(value, dict) else list
-
-
-def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
-    """Another request's verdict, for this request: its own AccessToken and claims."""
-    if not isinstance(shared, AccessToken):
-        return shared  # None, or a wrong type the middleware answers with 500
-    return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at)
+    claims: _Claims
+    scopes: tuple[str, ...]
+    expires_at: float | None
 
 
 class CachedProvider(BearerAuthProvider):
@@ -776,11 +916,9 @@ class CachedProvider(BearerAuthProvider):
         self._verify = _verifier("provider", provider)
         self._ttl = _seconds("ttl", ttl)
         self._negative_ttl = _seconds("negative_ttl", negative_ttl, zero=True)
-        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
-            raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
-        self._max_entries = max_entries
-        # digest -> (monotonic deadline, (claims, scopes, expires_at) or None for "no")
-        self._entries: dict[bytes, tuple[float, tuple[_Claims, tuple[str, ...], float | None] | None]] = {}
+        self._max_entries = _positive_int("max_entries", max_entries)
+        # digest -> (monotonic deadline, the verdict, or None for "no")
+        self._entries: dict[bytes, tuple[float, _Verdict | None]] = {}
         self._flights: dict[bytes, concurrent.futures.Future[AccessToken | None]] = {}
         self._generation = 0  # bumped by invalidate/clear: a verdict begun before them is not kept
 
@@ -795,8 +933,7 @@ class CachedProvider(BearerAuthProvider):
             if time.monotonic() < deadline:
                 if verdict is None:
                     return None
-                claims, scopes, expires_at = verdict
-                return AccessToken(token, claims.copy(), list(scopes), expires_at)
+                return AccessToken(token, verdict.claims.copy(), list(verdict.scopes), verdict.expires_at)
             del self._entries[key]
         while (flight := self._flights.get(key)) is not None:
             with contextlib.suppress(concurrent.futures.CancelledError):  # its caller went away: ask ourselves
@@ -826,7 +963,7 @@ class CachedProvider(BearerAuthProvider):
             if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
                 left = access.expires_at - time.time()
                 ttl = min(ttl, left) if left > 0 else 0
-            verdict = (_Claims(access.claims), tuple(access.scopes), access.expires_at)
+            verdict = _Verdict(_Claims(access.claims), tuple(access.scopes), access.expires_at)
         else:
             return  # not a verdict: the middleware answers it with 500
         if ttl > 0:
@@ -842,6 +979,13 @@ class CachedProvider(BearerAuthProvider):
     def clear(self) -> None:
         self._entries.clear()
         self._generation += 1
+
+
+def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
+    """Another request's verdict, for this request: its own AccessToken and claims."""
+    if not isinstance(shared, AccessToken):
+        return shared  # None, or a wrong type the middleware answers with 500
+    return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at)
 
 
 class ProviderChain(BearerAuthProvider):
@@ -918,425 +1062,66 @@ def require_scopes(*scopes: str) -> AccessToken:
 
 # --- the middleware -----------------------------------------------------------
 
-_Response = tuple[int, tuple[tuple[bytes, bytes], ...], bytes]  # status, headers, body
+
+class _Response(NamedTuple):
+    """A ready-made answer, built once at construction (as Starlette's CORSMiddleware builds its preflight).
+
+    ``error`` is a refusal's code (RFC 6750 section 3.1, or one of ours); None for other answers.
+    """
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    error: str | None = None
 
 
 def _json_response(status: int, body: Mapping[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()) -> _Response:
-    """The one way every response of this module is built (once, at construction)."""
+    """The one way every response of this module is built."""
     payload = json.dumps(body).encode()
-    return (
-        status,
-        (
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *headers,
-        ),
-        payload,
-    )
+    length = (b"content-length", str(len(payload)).encode())
+    return _Response(status, ((b"content-type", b"application/json"), length, *headers), payload, body.get("error"))
 
 
-def _quote(value: str) -> str:
-    # RFC 9110 section 5.6.4 quoted-string: escape backslash and double quote.
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+class _Refusals:
+    """Every refusal of one middleware, each with its RFC 6750 section 3 challenge, built once."""
 
-
-def _checked_text(name: str, value: object, *, header: bool) -> str:
-    """Refuse configuration that could split or corrupt a header (CR, LF, other controls)."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
-    bad = (lambda c: not " " <= c <= "~") if header else (lambda c: c < " " or c == "\x7f")
-    if any(bad(c) for c in value):
-        kind = "printable ASCII" if header else "free of control characters"
-        raise ValueError(f"{name} must be {kind}: {value!r}")
-    return value
-
-
-def _checked_url(name: str, value: object) -> str:
-    url = _checked_text(name, value, header=True)
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError(f"{name} must be an absolute http(s) URL without query or fragment: {url!r}")
-    return url
-
-
-def _strings(name: str, values: object) -> tuple[str, ...]:
-    # A lone str is iterable too; exclude_paths="/health" would exclude "/", "h", ...
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise TypeError(f"{name} must be a list or tuple of strings, not {type(values).__name__}")
-    return tuple(_checked_text(name, v, header=False) for v in values)
-
-
-_P = ParamSpec("_P")
-
-
-def _logged_when_refused(init: Callable[_P, None]) -> Callable[_P, None]:
-    """Log a refused configuration once, then raise it.
-
-    Starlette's ``add_middleware`` builds the middleware at lifespan or at the first
-    request; under uvicorn's default ``lifespan="auto"`` the error then reaches only an
-    INFO line and every request is a 500. Messages name options, never a token.
-    """
-
-    @functools.wraps(init)
-    def logged_init(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        try:
-            init(*args, **kwargs)
-        except Exception as exc:
-            logger.error(_LOG_NOT_BUILT, type(exc).__name__, exc)
-            raise
-
-    return logged_init
-
-
-class BearerAuthMiddleware:
-    """ASGI middleware: requests need a valid ``Authorization: Bearer`` token.
-
-    ``lifespan`` passes through; ``http`` and ``websocket`` are guarded; other
-    scope types are refused. Excluded paths match exactly, after ``root_path``.
-    Refusals are JSON with an RFC 6750 ``WWW-Authenticate`` challenge, built
-    once here so that the per-request path only picks one.
-    """
-
-    @_logged_when_refused
-    def __init__(
-        self,
-        app: ASGIApp,
-        provider: BearerAuthProvider,
-        *,
-        exclude_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
-        max_token_length: int = DEFAULT_MAX_TOKEN_LENGTH,
-        required_scopes: Sequence[str] = (),
-        resource: str | None = None,
-        authorization_servers: Sequence[str] = (),
-        scopes_supported: Sequence[str] | None = None,
-        resource_name: str | None = None,
-        realm: str | None = None,
-        bind_sessions: bool = True,
-        max_sessions: int = DEFAULT_MAX_SESSIONS,
-        allow_cors_preflight: bool = True,
-        audit: bool = False,
-    ) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be an ASGI callable, not {type(app).__name__}")
-        verify = _verifier("provider", provider)
-        for name, number in (("max_token_length", max_token_length), ("max_sessions", max_sessions)):
-            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-                raise ValueError(f"{name} must be a positive int, not {number!r}")
-        excluded = _strings("exclude_paths", exclude_paths)
-        for path in excluded:
-            if not path.startswith("/"):
-                raise ValueError(f"exclude_paths entries must start with '/': {path!r}")
-        scopes = _strings("required_scopes", required_scopes)
-        advertised = scopes if scopes_supported is None else _strings("scopes_supported", scopes_supported)
-        for scope_token in (*scopes, *advertised):
-            if not _SCOPE_TOKEN.fullmatch(scope_token):
-                raise ValueError(
-                    f"scope {scope_token!r} is not an RFC 6749 scope-token (no spaces, quotes, backslashes)"
-                )
-
-        self.app = app
-        self._verify: Callable[[str], Awaitable[AccessToken | None]] = verify
-        self._excluded_paths = frozenset(excluded)
-        self._max_token_length = max_token_length
-        self._required_scopes = frozenset(scopes)
-        # Sessions and their owners' principals: Streamable HTTP ids are header bytes, legacy SSE ids str.
-        self._sessions: dict[bytes | str, str] | None = {} if bind_sessions else None
-        # Where the app takes legacy SSE posts, learned from its endpoint events.
-        self._message_paths: set[str] = set()
-        self._max_sessions = max_sessions
-        self._allow_cors_preflight = allow_cors_preflight
-        if not isinstance(audit, bool):
-            raise TypeError(f"audit must be True or False, not {type(audit).__name__}")
-        self._audit = audit
-
-        # RFC 9728 section 5.1: challenges point at the metadata; section 3.1: the
-        # well-known suffix goes between host and path of the resource identifier.
-        metadata_url = None
-        self._metadata_paths: frozenset[str] = frozenset()
-        if resource is not None:
-            parts = urlsplit(_checked_url("resource", resource))
-            suffix = "" if parts.path in ("", "/") else parts.path
-            metadata_url = f"{parts.scheme}://{parts.netloc}{PROTECTED_RESOURCE_METADATA_PATH}{suffix}"
-            self._metadata_paths = frozenset(
-                {PROTECTED_RESOURCE_METADATA_PATH, PROTECTED_RESOURCE_METADATA_PATH + suffix}
-            )
-            servers = _strings("authorization_servers", authorization_servers)
-            document: dict[str, Any] = {
-                "resource": resource,
-                "authorization_servers": [_checked_url("authorization_servers", url) for url in servers],
-                "bearer_methods_supported": ["header"],  # RFC 6750 section 2.1 only: no query, no body
-            }
-            if advertised:
-                document["scopes_supported"] = list(advertised)
-            if resource_name is not None:
-                document["resource_name"] = _checked_text("resource_name", resource_name, header=False)
-            self._metadata = _json_response(200, document, ((b"cache-control", b"public, max-age=3600"),))
-            self._metadata_head = (self._metadata[0], self._metadata[1], b"")
-        elif authorization_servers or resource_name is not None:
-            raise ValueError("authorization_servers and resource_name need resource= (the server's canonical URL)")
-        if realm is not None:
-            _checked_text("realm", realm, header=True)
-        scope_text = " ".join(scopes)
-
-        def refusal(status: int, error: str, description: str, *, challenge: bool = True) -> _Response:
-            body = {"error": error, "error_description": description}
-            if status == 403:
-                body["scope"] = scope_text
-            if not challenge:
-                return _json_response(status, body)
-            # RFC 6750 section 3.1: a request without credentials gets no error code.
-            code = None if status == 401 and error == "unauthorized" else error
-            params = [
-                ("realm", realm),
-                ("error", code),
-                ("scope", scope_text or None),  # MCP 2025-11-25: tell the client which scopes to ask for
-                ("error_description", code and description),
-                ("resource_metadata", metadata_url),
-            ]
-            value = ", ".join(f"{name}={_quote(v)}" for name, v in params if v)
-            return _json_response(status, body, ((b"www-authenticate", f"Bearer {value}".rstrip().encode()),))
-
-        self._unauthorized = refusal(401, "unauthorized", "Authentication required")
-        self._invalid_token = refusal(401, "invalid_token", "Token is invalid or expired")
-        self._malformed = refusal(400, "invalid_request", "Malformed Authorization header")
-        self._insufficient_scope = refusal(403, "insufficient_scope", "Insufficient scope")
-        self._server_error = refusal(500, "server_error", "Authentication failed unexpectedly", challenge=False)
+    def __init__(self, *, realm: str | None, scopes: Sequence[str], metadata_url: str | None) -> None:
+        self._realm = realm
+        self._scope_text = " ".join(scopes)
+        self._metadata_url = metadata_url
+        self.unauthorized = self._refusal(401, "unauthorized", "Authentication required")
+        self.invalid_token = self._refusal(401, "invalid_token", "Token is invalid or expired")
+        self.malformed = self._refusal(400, "invalid_request", "Malformed Authorization header")
+        self.insufficient_scope = self._refusal(403, "insufficient_scope", "Insufficient scope")
+        self.server_error = self._refusal(500, "server_error", "Authentication failed unexpectedly", challenge=False)
         # Not 401 (the token may be fine) nor 500 (nothing is broken here): ask the client to retry (RFC 9110 15.6.4).
-        self._unavailable = refusal(
+        self.unavailable = self._refusal(
             503, "temporarily_unavailable", "Token verification is temporarily unavailable", challenge=False
         )
         # MCP Streamable HTTP: 404 for a session id is how a client learns to start a new session.
-        self._session_not_found = refusal(404, "session_not_found", "Session not found", challenge=False)
+        self.session_not_found = self._refusal(404, "session_not_found", "Session not found", challenge=False)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind != "http":
-            if kind == "lifespan":  # the MCP SDK starts its session manager here
-                return await self.app(scope, receive, send)
-            if kind != "websocket":
-                raise RuntimeError(f"mcp_bearer: refusing ASGI scope type {kind!r}; only http, websocket, lifespan")
+    def _refusal(self, status: int, error: str, description: str, *, challenge: bool = True) -> _Response:
+        body = {"error": error, "error_description": description}
+        if status == 403:
+            body["scope"] = self._scope_text
+        if not challenge:
+            return _json_response(status, body)
+        # RFC 6750 section 3.1: a request without credentials gets no error code.
+        code = None if status == 401 and error == "unauthorized" else error
+        params = [
+            ("realm", self._realm),
+            ("error", code),
+            ("scope", self._scope_text or None),  # MCP 2025-11-25: tell the client which scopes to ask for
+            ("error_description", code and description),
+            ("resource_metadata", self._metadata_url),
+        ]
+        value = ", ".join(f"{name}={_quote(v)}" for name, v in params if v)
+        return _json_response(status, body, ((b"www-authenticate", f"Bearer {value}".rstrip().encode()),))
 
-        path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :]
-        if path in self._excluded_paths:
-            return await self.app(scope, receive, send)
-        method = scope.get("method")
-        if path in self._metadata_paths and (method == "GET" or method == "HEAD"):
-            return await self._respond(scope, send, self._metadata if method == "GET" else self._metadata_head)
-        if method == "OPTIONS" and self._allow_cors_preflight and _is_preflight(scope["headers"]):
-            return await self.app(scope, receive, send)
-
-        # One pass over the raw header pairs, as uvicorn's ProxyHeadersMiddleware does.
-        # Servers send lowercase names; hand-built scopes may not (RFC 9110 section 5.1).
-        authorization = None
-        authorization_count = 0
-        session_id = None
-        session_id_count = 0
-        for name, value in scope["headers"]:
-            if len(name) in _WATCHED_NAME_SIZES:
-                name = name.lower()
-                if name == b"authorization":
-                    authorization = value
-                    authorization_count += 1
-                elif name == b"mcp-session-id":
-                    session_id = value
-                    session_id_count += 1
-
-        if authorization is None:
-            return await self._refuse(scope, send, self._unauthorized)
-        if authorization_count > 1:  # which one would the app trust? Refuse rather than guess.
-            return await self._refuse(scope, send, self._malformed)
-        credentials = _BEARER_CREDENTIALS.fullmatch(authorization)
-        if credentials is None:
-            return await self._refuse(scope, send, self._refusal_for(authorization))
-        token_bytes: bytes = credentials[1]
-        token = token_bytes.decode("ascii")
-        if len(token_bytes) > self._max_token_length:
-            return await self._refuse(scope, send, self._invalid_token, token)
-
-        access = None
-        try:
-            access = await self._verify(token)
-            refusal = self._judge(access)
-        except ProviderUnavailable as exc:
-            seconds = _retry_after(exc.retry_after)
-            logger.warning(_LOG_PROVIDER_UNAVAILABLE, str(exc).replace(token, "[token]"), seconds)
-            status, headers, body = self._unavailable
-            refusal = (status, (*headers, (b"retry-after", b"%d" % seconds)), body)
-        except Exception as exc:
-            # Fail closed, and say so honestly: a provider crash is not a bad key.
-            # The traceback is logged with the token cut out, in case the provider put it in a message.
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            logger.error(_LOG_PROVIDER_RAISED, text.replace(token, "[token]"))
-            refusal = self._server_error
-        if refusal is not None:  # sent outside the try: a failing send is the server's error, not the provider's
-            return await self._refuse(scope, send, refusal, token, access)
-        assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
-
-        stream: list[str] = []  # the legacy SSE session this request's stream opens, once seen
-        if self._sessions is not None and kind == "http":
-            if self._message_paths and _under(scope["path"], self._message_paths):
-                # Legacy HTTP+SSE transport: a POST names its session in the query string, and it
-                # belongs to the principal that opened the stream (as the SDK's own auth has it).
-                key = _sse_session_key(scope.get("query_string", b""))
-                if key is not None and self._sessions.get(key) != _principal(access, token):
-                    return await self._refuse(scope, send, self._session_not_found, token, access)
-            if session_id is not None:
-                # MCP spec: a session never stands in for authentication; it belongs to its creator.
-                if session_id_count > 1 or self._sessions.get(session_id) != _principal(access, token):
-                    return await self._refuse(scope, send, self._session_not_found, token, access)
-                send = self._ending_send(send, session_id, method == "DELETE")
-            elif method == "POST":  # only an initialize POST creates a session
-                send = self._binding_send(send, access, token)
-            elif method == "GET":  # a GET may open a legacy SSE stream, whose first event names its session
-                send = self._stream_send(send, scope, _principal(access, token), stream)
-
-        if self._audit:
-            self._audit_decision(scope, None, token, access)
-        state = scope.get("state")
-        if state is None:
-            scope["state"] = state = {}
-        state["access_token"] = access
-        reset = _current_token.set(access)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _current_token.reset(reset)
-            if stream:  # the stream has ended, and the SDK forgets its session with it
-                self._sessions.pop(stream[0], None)  # type: ignore[union-attr]
-
-    def _judge(self, access: object) -> _Response | None:
-        """The refusal a provider's answer earns, or None for a token that may pass."""
-        if access is None:
-            return self._invalid_token
-        if not isinstance(access, AccessToken):
-            logger.error(_LOG_PROVIDER_WRONG_TYPE, type(access).__name__)
-            return self._server_error
-        # "not >" rather than "<=": an expires_at of NaN (json accepts it) counts as expired.
-        if access.expires_at is not None and not access.expires_at > time.time():
-            return self._invalid_token
-        granted = access.scopes
-        if self._required_scopes and (isinstance(granted, str) or not self._required_scopes.issubset(granted)):
-            return self._insufficient_scope
-        return None
-
-    def _refusal_for(self, authorization: bytes) -> _Response:
-        """Why a header that is not ``Bearer <token68>`` is refused: no bearer credentials, or malformed ones."""
-        credentials = authorization.strip(b" \t")
-        # RFC 9110 section 11.1: the scheme ends where tchars end, so "Bearerx" and "Basic" are other schemes.
-        if credentials[:6].lower() != b"bearer" or credentials[6:7] in _TCHARS:
-            return self._unauthorized
-        if not credentials[6:]:  # "Bearer" alone: no credentials at all (RFC 6750 section 3.1)
-            return self._unauthorized
-        return self._malformed  # "Bearer a b", "Bearer\tx", 'Bearer "x"', non-ASCII, ...
-
-    def _binding_send(self, send: Send, access: AccessToken, token: str) -> Send:
-        """Watch a response that may create a session, and bind the session to its creator."""
-
-        async def binding_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                for name, value in message.get("headers", ()):
-                    if len(name) == 14 and name.lower() == b"mcp-session-id" and value:
-                        self._bind(value, _principal(access, token))
-            await send(message)
-
-        return binding_send
-
-    def _ending_send(self, send: Send, session_id: bytes, deleting: bool) -> Send:
-        """Watch a response on a session, and forget the session once the app has ended it."""
-        sessions: dict[bytes | str, str] = self._sessions  # type: ignore[assignment]
-
-        async def ending_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if status == 404 or (deleting and 200 <= status < 300):
-                    sessions.pop(session_id, None)
-            await send(message)
-
-        return ending_send
-
-    def _stream_send(self, send: Send, scope: Scope, principal: str, stream: list[str]) -> Send:
-        """Watch a GET's response for a legacy SSE stream, and bind the session its first event names.
-
-        The binding is made before the event reaches the client, so the owner's first POST finds it.
-        """
-        watching = False
-        seen = b""
-
-        async def stream_send(message: Message) -> None:
-            nonlocal watching, seen
-            if message["type"] == "http.response.start":
-                watching = message["status"] == 200 and any(
-                    name.lower() == b"content-type" and value.startswith(b"text/event-stream")
-                    for name, value in message.get("headers", ())
-                )
-            elif watching and message["type"] == "http.response.body":
-                seen += message.get("body", b"")
-                endpoint = _sse_endpoint(seen)
-                if endpoint is not None or len(seen) > _MAX_SSE_PREAMBLE:
-                    watching, seen = False, b""
-                if endpoint:
-                    key = _sse_session_key(urlsplit(endpoint).query.encode("latin-1", "replace"))
-                    if key:
-                        self._learn_message_path(unquote(urlsplit(endpoint).path))
-                        self._bind(key, principal)
-                        stream.append(key)
-            await send(message)
-
-        return stream_send
-
-    def _bind(self, session: bytes | str, principal: str) -> None:
-        sessions: dict[bytes | str, str] = self._sessions  # type: ignore[assignment]
-        sessions[session] = principal
-        if len(sessions) > self._max_sessions:  # oldest first; its owner re-initializes
-            del sessions[next(iter(sessions))]
-
-    def _learn_message_path(self, path: str) -> None:
-        if path not in self._message_paths:
-            # Too many distinct ones (a mount with a path parameter?): guard session_id on every path.
-            self._message_paths = (
-                {"/"} if len(self._message_paths) >= _MAX_MESSAGE_PATHS else {*self._message_paths, path}
-            )
-
-    async def _refuse(
-        self, scope: Scope, send: Send, refusal: _Response, token: str | None = None, access: object = None
-    ) -> None:
-        if self._audit:
-            self._audit_decision(scope, refusal, token, access)
-        await self._respond(scope, send, refusal)
-
-    def _audit_decision(self, scope: Scope, refusal: _Response | None, token: str | None, access: object) -> None:
-        """One INFO record on ``mcp_bearer.audit``: who asked for what, and the answer. Never the token."""
-        status, error = (None, None) if refusal is None else (refusal[0], json.loads(refusal[2])["error"])
-        client = scope.get("client")
-        claims = access.claims if isinstance(access, AccessToken) and isinstance(access.claims, Mapping) else {}
-        subject = claims.get("sub")
-        fields = {
-            "outcome": "allowed" if refusal is None else f"{status} {error}",
-            "status": status,
-            "error": error,
-            "method": scope.get("method", "WEBSOCKET"),
-            "path": scope["path"],
-            "client": f"{client[0]}:{client[1]}" if client else None,
-            "principal": subject if isinstance(subject, str) and subject else token and _digest(token).hex()[:12],
-        }
-        values = (fields["outcome"], fields["method"], fields["path"], fields["client"], fields["principal"])
-        _audit_logger.info(_LOG_AUDIT, *values, extra={"mcp_bearer": fields})
-
-    async def _respond(self, scope: Scope, send: Send, response: _Response) -> None:
-        status, headers, body = response
-        # A fresh message and header list each time: outer middleware (Starlette's
-        # CORSMiddleware, for one) appends to message["headers"] in place.
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": status, "headers": list(headers)})
-            await send({"type": "http.response.body", "body": body})
-        elif "websocket.http.response" in (scope.get("extensions") or {}):
-            await send({"type": "websocket.http.response.start", "status": status, "headers": list(headers)})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": 1008})  # RFC 6455 7.4.1: policy violation
+    def unavailable_for(self, seconds: int) -> _Response:
+        status, headers, body, error = self.unavailable
+        return _Response(status, (*headers, (b"retry-after", b"%d" % seconds)), body, error)
 
 
 def _retry_after(seconds: object) -> int:
@@ -1357,6 +1142,130 @@ def _is_preflight(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """
     names = {name.lower() for name, _ in headers}
     return b"origin" in names and b"access-control-request-method" in names
+
+
+def _principal(access: AccessToken, token: str) -> str:
+    """Who owns a session: the ``sub`` claim, else the token's digest (never the token).
+
+    Keying on ``sub`` lets a user rotate keys mid-session; the prefixes keep a
+    ``sub`` from ever equalling some token's digest.
+    """
+    subject = access.claims.get("sub") if isinstance(access.claims, Mapping) else None
+    if isinstance(subject, str) and subject:
+        return "sub:" + subject
+    return "token:" + _digest(token).hex()
+
+
+class _SessionOwners:
+    """Which principal owns each MCP session. A session never stands in for authentication (MCP spec).
+
+    - Streamable HTTP: the ``Mcp-Session-Id`` the app returns to a POST belongs to that POST's
+      principal. A request naming a session (one header, exactly) must come from its owner;
+      the binding ends with a DELETE the app accepts, or when the app answers 404 for it.
+    - Legacy HTTP+SSE: the session named by the first (``endpoint``) event of a GET stream
+      belongs to the principal that opened the stream. It is bound before that event reaches
+      the client, so the owner's first POST finds it, and ends with the stream. A POST to the
+      messages path the event names must name, in its query, a session its principal owns.
+
+    One table for both, bounded: the oldest binding is forgotten first (its owner re-initializes).
+    Streamable HTTP ids are header bytes, legacy SSE ids canonical hex str.
+    """
+
+    def __init__(self, max_sessions: int, not_found: _Response) -> None:
+        self.owners: dict[bytes | str, str] = {}
+        self._max_sessions = max_sessions
+        self._not_found = not_found
+        self._message_paths: set[str] = set()  # where the app takes legacy SSE posts, learned from its events
+
+    def admit(
+        self, scope: Scope, send: Send, access: AccessToken, token: str, session_id: bytes | None
+    ) -> tuple[_Response | None, Send, Callable[[], None] | None]:
+        """A refusal, or the ``send`` that watches the response, and what to do once the app is done."""
+        method = scope.get("method")
+        if self._message_paths and _under(scope["path"], self._message_paths):
+            key = _sse_session_key(scope.get("query_string", b""))
+            if key is not None and self.owners.get(key) != _principal(access, token):
+                return self._not_found, send, None
+        if session_id is not None:
+            if self.owners.get(session_id) != _principal(access, token):
+                return self._not_found, send, None
+            return None, self._ending_send(send, session_id, method == "DELETE"), None
+        if method == "POST":  # only an initialize POST creates a session
+            return None, self._binding_send(send, access, token), None
+        if method == "GET":  # a GET may open a legacy SSE stream, whose first event names its session
+            stream: list[str] = []
+            return None, self._stream_send(send, _principal(access, token), stream), lambda: self._end(stream)
+        return None, send, None
+
+    def _binding_send(self, send: Send, access: AccessToken, token: str) -> Send:
+        """Watch a response that may create a session, and bind the session to its creator."""
+
+        async def binding_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers", ()):
+                    if len(name) == 14 and name.lower() == b"mcp-session-id" and value:
+                        self._bind(value, _principal(access, token))
+            await send(message)
+
+        return binding_send
+
+    def _ending_send(self, send: Send, session_id: bytes, deleting: bool) -> Send:
+        """Watch a response on a session, and forget the session once the app has ended it."""
+        owners = self.owners
+
+        async def ending_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status == 404 or (deleting and 200 <= status < 300):
+                    owners.pop(session_id, None)
+            await send(message)
+
+        return ending_send
+
+    def _stream_send(self, send: Send, principal: str, stream: list[str]) -> Send:
+        """Watch a GET's response for a legacy SSE stream, and bind the session its first event names."""
+        watching = False
+        seen = b""
+
+        async def stream_send(message: Message) -> None:
+            nonlocal watching, seen
+            if message["type"] == "http.response.start":
+                watching = message["status"] == 200 and any(
+                    name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                    for name, value in message.get("headers", ())
+                )
+            elif watching and message["type"] == "http.response.body":
+                seen += message.get("body", b"")
+                endpoint = _sse_endpoint(seen)
+                if endpoint is not None or len(seen) > _MAX_SSE_PREAMBLE:
+                    watching, seen = False, b""
+                if endpoint:
+                    self._bind_endpoint(endpoint, principal, stream)
+            await send(message)
+
+        return stream_send
+
+    def _bind_endpoint(self, endpoint: str, principal: str, stream: list[str]) -> None:
+        parts = urlsplit(endpoint)
+        key = _sse_session_key(parts.query.encode("latin-1", "replace"))
+        if key:
+            path = unquote(parts.path)
+            if path not in self._message_paths:
+                # Too many distinct ones (a mount with a path parameter?): guard session_id on every path.
+                full = len(self._message_paths) >= _MAX_MESSAGE_PATHS
+                self._message_paths = {"/"} if full else {*self._message_paths, path}
+            self._bind(key, principal)
+            stream.append(key)
+
+    def _end(self, stream: list[str]) -> None:
+        """The stream has ended, and the SDK forgets its session with it."""
+        for key in stream:
+            self.owners.pop(key, None)
+
+    def _bind(self, session: bytes | str, principal: str) -> None:
+        self.owners[session] = principal
+        if len(self.owners) > self._max_sessions:  # oldest first; its owner re-initializes
+            del self.owners[next(iter(self.owners))]
 
 
 def _under(path: str, prefixes: Iterable[str]) -> bool:
@@ -1391,16 +1300,297 @@ def _sse_endpoint(stream: bytes) -> str | None:
     return None
 
 
-def _principal(access: AccessToken, token: str) -> str:
-    """Who owns a session: the ``sub`` claim, else the token's digest (never the token).
+def _checked_url(name: str, value: object) -> str:
+    url = _checked_text(name, value, header=True)
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{name} must be an absolute http(s) URL without query or fragment: {url!r}")
+    return url
 
-    Keying on ``sub`` lets a user rotate keys mid-session; the prefixes keep a
-    ``sub`` from ever equalling some token's digest.
+
+def _resource_metadata(
+    resource: str, servers: object, advertised: Sequence[str], resource_name: object
+) -> tuple[str, frozenset[str], _Response]:
+    """RFC 9728: the metadata URL for challenges (section 5.1), the paths it is served at, and the document.
+
+    Section 3.1: the well-known suffix goes between host and path of the resource identifier.
     """
-    subject = access.claims.get("sub") if isinstance(access.claims, Mapping) else None
-    if isinstance(subject, str) and subject:
-        return "sub:" + subject
-    return "token:" + _digest(token).hex()
+    parts = urlsplit(_checked_url("resource", resource))
+    suffix = "" if parts.path in ("", "/") else parts.path
+    metadata_url = f"{parts.scheme}://{parts.netloc}{PROTECTED_RESOURCE_METADATA_PATH}{suffix}"
+    paths = frozenset({PROTECTED_RESOURCE_METADATA_PATH, PROTECTED_RESOURCE_METADATA_PATH + suffix})
+    servers = [_checked_url("authorization_servers", url) for url in _strings("authorization_servers", servers)]
+    document: dict[str, Any] = {
+        "resource": resource,
+        "authorization_servers": servers,
+        "bearer_methods_supported": ["header"],  # RFC 6750 section 2.1 only: no query, no body
+    }
+    if advertised:
+        document["scopes_supported"] = list(advertised)
+    if resource_name is not None:
+        document["resource_name"] = _checked_text("resource_name", resource_name, header=False)
+    return metadata_url, paths, _json_response(200, document, ((b"cache-control", b"public, max-age=3600"),))
+
+
+_P = ParamSpec("_P")
+
+
+def _logged_when_refused(init: Callable[_P, None]) -> Callable[_P, None]:
+    """Log a refused configuration once, then raise it.
+
+    Starlette's ``add_middleware`` builds the middleware at lifespan or at the first
+    request; under uvicorn's default ``lifespan="auto"`` the error then reaches only an
+    INFO line and every request is a 500. Messages name options, never a token.
+    """
+
+    @functools.wraps(init)
+    def logged_init(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            init(*args, **kwargs)
+        except Exception as exc:
+            logger.error(_LOG_NOT_BUILT, type(exc).__name__, exc)
+            raise
+
+    return logged_init
+
+
+_PASS = _Response(0, (), b"")  # a public request: the app answers it, unauthenticated
+
+
+class BearerAuthMiddleware:
+    """ASGI middleware: requests need a valid ``Authorization: Bearer`` token.
+
+    ``lifespan`` passes through; ``http`` and ``websocket`` are guarded; other
+    scope types are refused. Excluded paths match exactly, after ``root_path``.
+    Refusals are JSON with an RFC 6750 ``WWW-Authenticate`` challenge, built
+    once here so that the per-request path only picks one.
+    """
+
+    @_logged_when_refused
+    def __init__(
+        self,
+        app: ASGIApp,
+        provider: BearerAuthProvider,
+        *,
+        exclude_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
+        max_token_length: int = DEFAULT_MAX_TOKEN_LENGTH,
+        required_scopes: Sequence[str] = (),
+        resource: str | None = None,
+        authorization_servers: Sequence[str] = (),
+        scopes_supported: Sequence[str] | None = None,
+        resource_name: str | None = None,
+        realm: str | None = None,
+        bind_sessions: bool = True,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        allow_cors_preflight: bool = True,
+        audit: bool = False,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be an ASGI callable, not {type(app).__name__}")
+        self.app = app
+        self._verify: Callable[[str], Awaitable[AccessToken | None]] = _verifier("provider", provider)
+        self._max_token_length = _positive_int("max_token_length", max_token_length)
+        max_sessions = _positive_int("max_sessions", max_sessions)
+        excluded = _strings("exclude_paths", exclude_paths)
+        for path in excluded:
+            if not path.startswith("/"):
+                raise ValueError(f"exclude_paths entries must start with '/': {path!r}")
+        scopes = _scope_tokens("required_scopes", required_scopes)
+        advertised = scopes if scopes_supported is None else _scope_tokens("scopes_supported", scopes_supported)
+        self._required_scopes = frozenset(scopes)
+        self._allow_cors_preflight = _flag("allow_cors_preflight", allow_cors_preflight)
+        self._audit = _flag("audit", audit)
+
+        # Paths answered without a token: excluded ones go to the app; RFC 9728 metadata we serve.
+        self._open_paths: dict[str, _Response] = dict.fromkeys(excluded, _PASS)
+        metadata_url = None
+        if resource is not None:
+            metadata_url, paths, self._metadata = _resource_metadata(
+                resource, authorization_servers, advertised, resource_name
+            )
+            self._metadata_head = self._metadata._replace(body=b"")
+            self._open_paths = {**dict.fromkeys(paths, self._metadata), **self._open_paths}
+        elif authorization_servers or resource_name is not None:
+            raise ValueError("authorization_servers and resource_name need resource= (the server's canonical URL)")
+        if realm is not None:
+            _checked_text("realm", realm, header=True)
+        self._refusals = _Refusals(realm=realm, scopes=scopes, metadata_url=metadata_url)
+        self._sessions = _SessionOwners(max_sessions, self._refusals.session_not_found) if bind_sessions else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            return await self._other_scope(scope, receive, send)
+        maybe_public = scope["path"] in self._open_paths or scope.get("root_path") or scope.get("method") == "OPTIONS"
+        if maybe_public and (public := self._public(scope)) is not None:
+            return await self._answer_public(scope, receive, send, public)
+
+        token, session_id = self._credentials(scope["headers"])
+        if not isinstance(token, str):
+            return await self._refuse(scope, send, token)
+        refusal: _Response | None
+        try:
+            access = await self._verify(token)
+        except Exception as exc:  # fail closed, and say why honestly: a provider crash is not a bad key
+            access, refusal = None, self._failure(exc, token)
+        else:
+            refusal = self._judge(access)
+        if refusal is not None:  # sent outside the try: a failing send is the server's error, not the provider's
+            return await self._refuse(scope, send, refusal, token, access)
+        assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
+        ended = None
+        if self._sessions is not None and kind == "http":
+            refusal, send, ended = self._sessions.admit(scope, send, access, token, session_id)
+            if refusal is not None:
+                return await self._refuse(scope, send, refusal, token, access)
+
+        if self._audit:
+            self._audit_decision(scope, None, token, access)
+        scope.setdefault("state", {})["access_token"] = access  # where Starlette's request.state finds it
+        reset = _current_token.set(access)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _current_token.reset(reset)
+            if ended is not None:
+                ended()
+
+    async def _answer_public(self, scope: Scope, receive: Receive, send: Send, public: _Response) -> None:
+        if public is _PASS:
+            await self.app(scope, receive, send)
+        else:
+            await self._respond(scope, send, public)
+
+    async def _other_scope(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            raise RuntimeError(
+                f"mcp_bearer: refusing ASGI scope type {scope['type']!r}; only http, websocket, lifespan"
+            )
+        await self.app(scope, receive, send)  # the MCP SDK starts its session manager here
+
+    def _public(self, scope: Scope) -> _Response | None:
+        """The answer to a request that needs no token (``_PASS``: the app's), or None when it needs one.
+
+        Excluded paths and RFC 9728 metadata match exactly, after ``root_path``.
+        """
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        method = scope.get("method")
+        answer = self._open_paths.get(path)
+        if answer is _PASS or (answer is not None and method == "GET"):
+            return answer
+        if answer is not None and method == "HEAD":
+            return self._metadata_head
+        if method == "OPTIONS" and self._allow_cors_preflight and _is_preflight(scope["headers"]):
+            return _PASS
+        return None
+
+    def _credentials(self, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | _Response, bytes | None]:
+        """The bearer token and the ``Mcp-Session-Id`` of a request, or a refusal instead of the token.
+
+        One pass over the raw header pairs, as uvicorn's ProxyHeadersMiddleware reads them;
+        servers send lowercase names, hand-built scopes may not (RFC 9110 section 5.1). A
+        repeated header is never guessed at: two Authorization headers are malformed, two
+        session ids name no session (b"").
+        """
+        authorization = session_id = None
+        authorizations = 0
+        for name, value in headers:
+            if len(name) in _WATCHED_NAME_SIZES:
+                name = name.lower()
+                if name == b"authorization":
+                    authorization = value
+                    authorizations += 1
+                elif name == b"mcp-session-id":
+                    session_id = b"" if session_id is not None else value
+        if authorization is None:
+            return self._refusals.unauthorized, session_id
+        if authorizations > 1:  # which one would the app trust? Refuse rather than guess.
+            return self._refusals.malformed, session_id
+        credentials = _BEARER_CREDENTIALS.fullmatch(authorization)
+        if credentials is None:
+            return self._refusal_for(authorization), session_id
+        token: bytes = credentials[1]
+        if len(token) > self._max_token_length:
+            return self._refusals.invalid_token, session_id
+        return token.decode("ascii"), session_id
+
+    def _refusal_for(self, authorization: bytes) -> _Response:
+        """Why a header that is not ``Bearer <token68>`` is refused: no bearer credentials, or malformed ones."""
+        credentials = authorization.strip(b" \t")
+        # RFC 9110 section 11.1: the scheme ends where tchars end, so "Bearerx" and "Basic" are other schemes.
+        if credentials[:6].lower() != b"bearer" or credentials[6:7] in _TCHARS:
+            return self._refusals.unauthorized
+        if not credentials[6:]:  # "Bearer" alone: no credentials at all (RFC 6750 section 3.1)
+            return self._refusals.unauthorized
+        return self._refusals.malformed  # "Bearer a b", "Bearer\tx", 'Bearer "x"', non-ASCII, ...
+
+    def _failure(self, exc: Exception, token: str) -> _Response:
+        """A provider that raised: 503 with Retry-After when it said it cannot decide now, else 500."""
+        if isinstance(exc, ProviderUnavailable):
+            seconds = _retry_after(exc.retry_after)
+            logger.warning(_LOG_PROVIDER_UNAVAILABLE, str(exc).replace(token, "[token]"), seconds)
+            return self._refusals.unavailable_for(seconds)
+        # The traceback is logged with the token cut out, in case the provider put it in a message.
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        logger.error(_LOG_PROVIDER_RAISED, text.replace(token, "[token]"))
+        return self._refusals.server_error
+
+    def _judge(self, access: object) -> _Response | None:
+        """The refusal a provider's answer earns, or None for a token that may pass."""
+        if access is None:
+            return self._refusals.invalid_token
+        if not isinstance(access, AccessToken):
+            logger.error(_LOG_PROVIDER_WRONG_TYPE, type(access).__name__)
+            return self._refusals.server_error
+        # "not >" rather than "<=": an expires_at of NaN (json accepts it) counts as expired.
+        if access.expires_at is not None and not access.expires_at > time.time():
+            return self._refusals.invalid_token
+        granted = access.scopes
+        if self._required_scopes and (isinstance(granted, str) or not self._required_scopes.issubset(granted)):
+            return self._refusals.insufficient_scope
+        return None
+
+    async def _refuse(
+        self, scope: Scope, send: Send, refusal: _Response, token: str | None = None, access: object = None
+    ) -> None:
+        if self._audit:
+            self._audit_decision(scope, refusal, token, access)
+        await self._respond(scope, send, refusal)
+
+    def _audit_decision(self, scope: Scope, refusal: _Response | None, token: str | None, access: object) -> None:
+        """One INFO record on ``mcp_bearer.audit``: who asked for what, and the answer. Never the token."""
+        status, error = (None, None) if refusal is None else (refusal.status, refusal.error)
+        client = scope.get("client")
+        claims = access.claims if isinstance(access, AccessToken) and isinstance(access.claims, Mapping) else {}
+        subject = claims.get("sub")
+        fields = {
+            "outcome": "allowed" if refusal is None else f"{status} {error}",
+            "status": status,
+            "error": error,
+            "method": scope.get("method", "WEBSOCKET"),
+            "path": scope["path"],
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "principal": subject if isinstance(subject, str) and subject else token and _digest(token).hex()[:12],
+        }
+        values = (fields["outcome"], fields["method"], fields["path"], fields["client"], fields["principal"])
+        _audit_logger.info(_LOG_AUDIT, *values, extra={"mcp_bearer": fields})
+
+    @staticmethod
+    async def _respond(scope: Scope, send: Send, response: _Response) -> None:
+        status, headers, body, _ = response
+        # A fresh message and header list each time: outer middleware (Starlette's
+        # CORSMiddleware, for one) appends to message["headers"] in place.
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+            await send({"type": "http.response.body", "body": body})
+        elif "websocket.http.response" in (scope.get("extensions") or {}):
+            await send({"type": "websocket.http.response.start", "status": status, "headers": list(headers)})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008})  # RFC 6455 7.4.1: policy violation
 
 
 # --- the command line ---------------------------------------------------------
@@ -1517,8 +1707,7 @@ def _cli_provider(args: argparse.Namespace) -> BearerAuthProvider | None:
     return providers[0] if len(providers) == 1 else ProviderChain(*providers)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """The command line: ``mcp-bearer`` (console script) or ``python -m mcp_bearer``."""
+def _parser() -> argparse.ArgumentParser:
     # Usage names the command the user typed; error lines always start "mcp_bearer: error:".
     installed = os.path.splitext(os.path.basename(sys.argv[0]))[0] == "mcp-bearer"
     parser = _ArgumentParser(
@@ -1527,75 +1716,59 @@ def main(argv: Sequence[str] | None = None) -> None:
         "without APP, a demo MCP server with a whoami tool. Tokens come from --tokens-file, "
         "else MCP_BEARER_TOKENS (comma-separated), else one random token printed once.",
     )
-    parser.add_argument(
-        "app", nargs="?", metavar="MODULE:ATTR", help="an ASGI app, or an object with streamable_http_app()"
-    )
-    parser.add_argument(
-        "--tokens-file", metavar="FILE", help='JSON object of token -> claims, e.g. {"sk-1": {"sub": "alice"}}'
-    )
-    parser.add_argument(
+    option = parser.add_argument
+    option("app", nargs="?", metavar="MODULE:ATTR", help="an ASGI app, or an object with streamable_http_app()")
+    option("--tokens-file", metavar="FILE", help='JSON object of token -> claims, e.g. {"sk-1": {"sub": "alice"}}')
+    option(
         "--exclude",
         action="append",
         metavar="PATH",
         help=f"public path, exact match, repeatable (replaces the defaults {', '.join(DEFAULT_EXCLUDED_PATHS)})",
     )
-    parser.add_argument(
-        "--required-scope", action="append", default=[], metavar="S", help="scope every token must hold, repeatable"
-    )
-    parser.add_argument(
+    option("--required-scope", action="append", default=[], metavar="S", help="scope every token must hold, repeatable")
+    option(
         "--resource",
         metavar="URL",
         help="canonical URL of this server, e.g. https://mcp.example.com/mcp; serves RFC 9728 metadata",
     )
-    parser.add_argument(
+    option(
         "--authorization-server",
         action="append",
         default=[],
         metavar="URL",
         help="issuer URL listed in the metadata, repeatable",
     )
-    parser.add_argument(
-        "--jwks-url", metavar="URL", help="verify JWT access tokens with the issuer's JWKS instead of fixed tokens"
-    )
-    parser.add_argument("--issuer", action="append", default=[], metavar="ISS", help="accepted JWT iss, repeatable")
-    parser.add_argument("--audience", action="append", default=[], metavar="AUD", help="accepted JWT aud, repeatable")
-    parser.add_argument(
+    option("--jwks-url", metavar="URL", help="verify JWT access tokens with the issuer's JWKS instead of fixed tokens")
+    option("--issuer", action="append", default=[], metavar="ISS", help="accepted JWT iss, repeatable")
+    option("--audience", action="append", default=[], metavar="AUD", help="accepted JWT aud, repeatable")
+    option(
         "--algorithm", action="append", default=[], metavar="ALG", help="accepted JWT alg, repeatable (default RS256)"
     )
-    parser.add_argument(
+    option(
         "--introspection-url",
         metavar="URL",
         help="check opaque tokens at this RFC 7662 endpoint; the client secret comes from $" + _SECRET_VARIABLE,
     )
-    parser.add_argument("--client-id", metavar="ID", help="this server's client id at the introspection endpoint")
-    parser.add_argument(
+    option("--client-id", metavar="ID", help="this server's client id at the introspection endpoint")
+    option(
         "--cache-ttl", type=float, metavar="SECONDS", help="remember each token's verdict this long (CachedProvider)"
     )
-    parser.add_argument("--audit", action="store_true", help="log one line per decision to stderr (mcp_bearer.audit)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    args = parser.parse_args(argv)
+    option("--audit", action="store_true", help="log one line per decision to stderr (mcp_bearer.audit)")
+    option("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    option("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    return parser
 
-    generated = None
-    try:
-        provider = _cli_provider(args)
-        if provider is None:  # the demo's tokens
-            if os.environ.get("MCP_BEARER_TOKENS", "").strip():
-                keys = [key.strip() for key in os.environ["MCP_BEARER_TOKENS"].split(",") if key.strip()]
-                tokens = {key: {"sub": f"user-{n}"} for n, key in enumerate(keys, 1)}
-            else:
-                generated = secrets.token_urlsafe(32)
-                tokens = {generated: {"sub": "demo-user"}}
-            provider = StaticTokenProvider(tokens)
-        if args.cache_ttl is not None:
-            provider = CachedProvider(provider, ttl=args.cache_ttl)
-    except (TypeError, ValueError, ImportError) as exc:
-        _fail(str(exc))
 
-    try:
-        import uvicorn
-    except ImportError:
-        _fail("uvicorn is not installed; pip install 'mcp_bearer[demo]'")
+def _demo_tokens() -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The demo's keys: MCP_BEARER_TOKENS (comma-separated), else one random key (returned to print once)."""
+    if os.environ.get("MCP_BEARER_TOKENS", "").strip():
+        keys = [key.strip() for key in os.environ["MCP_BEARER_TOKENS"].split(",") if key.strip()]
+        return {key: {"sub": f"user-{n}"} for n, key in enumerate(keys, 1)}, None
+    generated = secrets.token_urlsafe(32)
+    return {generated: {"sub": "demo-user"}}, generated
+
+
+def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> BearerAuthMiddleware:
     try:
         app = _load_app(args.app) if args.app else _demo_app(args.host)
     except ImportError as exc:
@@ -1604,7 +1777,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # builders would print it a second time (logging's last-resort handler writes to stderr).
     logger.disabled = True
     try:
-        guarded = BearerAuthMiddleware(
+        return BearerAuthMiddleware(
             app,
             provider,
             exclude_paths=DEFAULT_EXCLUDED_PATHS if args.exclude is None else args.exclude,
@@ -1617,6 +1790,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(exc))
     finally:
         logger.disabled = False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: ``mcp-bearer`` (console script) or ``python -m mcp_bearer``."""
+    args = _parser().parse_args(argv)
+    generated = None
+    try:
+        provider = _cli_provider(args)
+        if provider is None:
+            tokens, generated = _demo_tokens()
+            provider = StaticTokenProvider(tokens)
+        if args.cache_ttl is not None:
+            provider = CachedProvider(provider, ttl=args.cache_ttl)
+    except (TypeError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+    try:
+        import uvicorn
+    except ImportError:
+        _fail("uvicorn is not installed; pip install 'mcp_bearer[demo]'")
+    guarded = _guarded_app(args, provider)
 
     if args.audit:  # nothing else configures logging here, and INFO records would go nowhere
         handler = logging.StreamHandler()

@@ -453,7 +453,7 @@ def test_provider_verify_token_must_be_async() -> None:
         ({"exclude_paths": ["health"]}, ValueError, "must start with '/'"),
         ({"exclude_paths": ["/ok\n"]}, ValueError, "control characters"),
         ({"max_token_length": 0}, ValueError, "max_token_length must be a positive int"),
-        ({"max_token_length": True}, ValueError, "max_token_length must be a positive int"),
+        ({"max_token_length": True}, TypeError, "max_token_length must be a positive int, not bool"),
         ({"max_sessions": 0}, ValueError, "max_sessions must be a positive int"),
         ({"required_scopes": "read"}, TypeError, "required_scopes must be a list or tuple"),
         ({"required_scopes": ["read write"]}, ValueError, "scope-token"),
@@ -1385,18 +1385,18 @@ def test_session_binding_ends_with_delete_or_app_404() -> None:
     sid = harness.request(bearer(BOB)).header("mcp-session-id")
     assert sid
     assert harness.request(with_session(bearer(BOB), sid), method="DELETE").status == 200
-    assert harness.middleware._sessions == {}  # type: ignore[attr-defined]
+    assert harness.middleware._sessions.owners == {}  # type: ignore[union-attr]
     sid = harness.request(bearer(BOB)).header("mcp-session-id")
     assert sid
     harness.known_sessions.discard(sid.encode())  # type: ignore[attr-defined]  # the app expired it
     assert harness.request(with_session(bearer(BOB), sid)).status == 404
-    assert harness.middleware._sessions == {}  # type: ignore[attr-defined]
+    assert harness.middleware._sessions.owners == {}  # type: ignore[union-attr]
 
 
 def test_session_table_is_bounded_oldest_first() -> None:
     harness = session_harness(max_sessions=3)
     sids = [harness.request(bearer(BOB)).header("mcp-session-id") for _ in range(5)]
-    assert list(harness.middleware._sessions) == [s.encode() for s in sids[2:]]  # type: ignore[attr-defined,union-attr]
+    assert list(harness.middleware._sessions.owners) == [s.encode() for s in sids[2:]]  # type: ignore[union-attr]
     assert harness.request(with_session(bearer(BOB), sids[0])).status == 404  # type: ignore[arg-type]
     assert harness.request(with_session(bearer(BOB), sids[4])).status == 200  # type: ignore[arg-type]
 
@@ -1800,14 +1800,14 @@ async def test_e2e_sse_binding_ends_with_the_stream_and_the_table_stays_bounded(
     middleware = BearerAuthMiddleware(sse_app(whoami), RecordingProvider(), max_sessions=2)
     with serve(middleware) as base:
         async with sse_session(base, ALICE_1) as (_, first_id):
-            assert middleware._sessions == {first_id: "sub:alice"}
+            assert middleware._sessions.owners == {first_id: "sub:alice"}
             async with sse_session(base, ALICE_1) as (_, second_id), sse_session(base, BOB) as (third, third_id):
-                assert set(middleware._sessions) == {second_id, third_id}  # the oldest was forgotten
+                assert set(middleware._sessions.owners) == {second_id, third_id}  # the oldest was forgotten
                 # Forgotten is refused, even for its owner, rather than left unguarded: they reconnect.
                 assert post_message(base, ALICE_1, f"session_id={first_id}", TOOL_CALL)[0] == 404
                 assert (await call_json(third, "whoami"))["claims"]["sub"] == "bob"
-            await until(lambda: middleware._sessions == {})  # the server notices the client left
-        await until(lambda: middleware._sessions == {})
+            await until(lambda: middleware._sessions.owners == {})  # the server notices the client left
+        await until(lambda: middleware._sessions.owners == {})
 
 
 def wait_until(condition: Callable[[], object], seconds: float) -> None:
@@ -2596,8 +2596,8 @@ def test_readme_identity_provider_settings_construct_offline() -> None:
     exec(compile(readme_block("# Auth0:"), "README.md:idps", "exec"), namespace)
     for name in ("auth0", "keycloak", "entra"):
         provider = namespace[name]
-        assert isinstance(provider, mcp_bearer.JWTProvider) and provider._key_set_now is None
-        assert provider._jwks_url.startswith("https://") and provider._algorithms == ("RS256",)
+        assert isinstance(provider, mcp_bearer.JWTProvider) and provider._jwks.key_set is None
+        assert provider._jwks.url.startswith("https://") and provider._algorithms == ("RS256",)
 
 
 def test_readme_introspection_cache_and_chain_compose_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2864,8 +2864,9 @@ def test_memory_stays_bounded_over_100k_requests() -> None:
         return before, after
 
     before, after = anyio.run(measure)
-    sessions = middleware._sessions
-    assert sessions is not None and len(sessions) == 100
+    assert middleware._sessions is not None
+    sessions = middleware._sessions.owners
+    assert len(sessions) == 100
     # All the table may hold at its bound: the dict and every key and principal in it (all may be
     # re-allocated while tracing), plus 4 KiB for the interpreter's own caches.
     allowance = sys.getsizeof(sessions) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in sessions.items()) + 4096
@@ -4287,7 +4288,10 @@ def test_cache_holds_no_raw_token_in_memory() -> None:
     assert_holds_no_token(cache, tokens)
     assert not [s for s in SECRETS if s in repr(cache)]
     # The walk would see a token if one were kept: the check can fail.
-    cache._entries[b"probe"] = (0.0, (mcp_bearer._Claims({"sub": "x", "roles": [{"token": T1}]}), (), None))
+    cache._entries[b"probe"] = (
+        0.0,
+        mcp_bearer._Verdict(mcp_bearer._Claims({"sub": "x", "roles": [{"token": T1}]}), (), None),
+    )
     with pytest.raises(AssertionError, match="raw token"):
         assert_holds_no_token(cache, tokens)
 
@@ -4311,8 +4315,8 @@ class SyncVerifier:
         (CountingProvider(), {"negative_ttl": math.nan}, ValueError, "negative_ttl"),
         (CountingProvider(), {"negative_ttl": None}, TypeError, "negative_ttl"),
         (CountingProvider(), {"max_entries": 0}, ValueError, "max_entries"),
-        (CountingProvider(), {"max_entries": 2.5}, ValueError, "max_entries"),
-        (CountingProvider(), {"max_entries": True}, ValueError, "max_entries"),
+        (CountingProvider(), {"max_entries": 2.5}, TypeError, "max_entries"),
+        (CountingProvider(), {"max_entries": True}, TypeError, "max_entries"),
     ],
 )
 def test_cache_refuses_a_bad_configuration(

@@ -11,7 +11,8 @@ Micro (always): one trivial ASGI app (200, body ``ok``) called directly, without
   EdDSA token, next to its reference: the static-key path plus one ``jwt.decode`` of the same token;
 - through ``BearerAuthMiddleware`` + ``CachedProvider`` holding the token (a cache hit), and with ``audit=True``
   (records formatted and written to /dev/null), both next to the plain ``StaticTokenProvider`` request;
-- with ``--baseline REF``: also the module as it was at git REF (valid token), to show what a change costs.
+- with ``--baseline REF``: also the module as it was at git REF (valid token, missing token), each paired per
+  round with today's row of the same case, to show what a change costs.
 
 Each round runs N requests of every variant in turn (start rotated per round) in one event loop; a variant's
 time is the median over rounds of its per-round mean, its overhead the median of the per-round differences to
@@ -343,6 +344,7 @@ def build_variants(baseline: str | None = None) -> list[Variant]:
         old = baseline_module(baseline)
         app = old.BearerAuthMiddleware(hello_app, old.StaticTokenProvider({VALID_TOKEN: CLAIMS}))
         variants.append(Variant(f"ours at {baseline}: valid", "baseline", "valid", app, valid, 200))
+        variants.append(Variant(f"ours at {baseline}: missing", "baseline", "missing", app, missing, 401))
     return variants
 
 
@@ -414,15 +416,18 @@ def summarize_micro(variants: list[Variant]) -> dict[str, dict[str, Any]]:
             result["overhead_vs_sdk"] = None
     by_name = {v.name: v for v in variants}
     static = by_name["ours: valid token"].rounds_ns
+    ours_by_case = {v.case: v.rounds_ns for v in variants if v.guard == "ours"}
     for variant in variants:
         if variant.guard == "jwt":  # paired per round against its reference, like the overheads
             reference = by_name[f"static+decode {variant.case}"].rounds_ns
             ratios = [t / r for t, r in zip(variant.rounds_ns, reference, strict=True)]
             results[variant.name]["vs_static_decode"] = statistics.median(ratios)
         if variant.guard in ("cache", "audit", "baseline"):  # against StaticTokenProvider, paired per round
-            ratios = [t / r for t, r in zip(variant.rounds_ns, static, strict=True)]
+            # A baseline row is paired with today's row of the same case (valid token, missing token).
+            against = ours_by_case[variant.case] if variant.guard == "baseline" else static
+            ratios = [t / r for t, r in zip(variant.rounds_ns, against, strict=True)]
             results[variant.name]["vs_static"] = statistics.median(ratios)
-            differences = [t - r for t, r in zip(variant.rounds_ns, static, strict=True)]
+            differences = [t - r for t, r in zip(variant.rounds_ns, against, strict=True)]
             results[variant.name]["minus_static_us"] = statistics.median(differences) / 1000
     return results
 
@@ -786,7 +791,7 @@ def print_report(results: dict[str, Any]) -> None:
         if "vs_static_decode" in r:
             print(f"{name:<26} {r['vs_static_decode']:>10.3f}")
 
-    print("\nagainst the same request with StaticTokenProvider, paired per round")
+    print("\nagainst the same request with today's StaticTokenProvider row, paired per round (baseline: same case)")
     for name, r in results["micro"].items():
         if "vs_static" in r:
             print(f"{name:<26} {r['vs_static']:>10.3f} x   {r['minus_static_us']:+.3f} us")
