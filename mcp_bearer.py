@@ -49,6 +49,7 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import hmac
 import http.client
 import importlib
 import inspect
@@ -87,6 +88,7 @@ __all__ = [
     "StaticTokenProvider",
     "get_access_token",
     "main",
+    "principal_key",
     "require_auth",
     "require_scopes",
 ]
@@ -111,8 +113,9 @@ _LOG_PROVIDER_RAISED = "token provider raised; request refused with 500\n%s"
 _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; request refused with 500"
 _LOG_PROVIDER_UNAVAILABLE = "token provider unavailable (%s); request refused with 503, Retry-After %d"
 _LOG_JWKS_FAILED = "JWKS fetch from %s failed (%s); keeping the last good key set, if any"
-# The path is quoted (%r) so that an encoded CR or LF in it cannot forge a line of the trail.
-_LOG_AUDIT = "%s: %s %r from %s, principal %s"
+# Every field a client or an IdP supplies is quoted (%r): an encoded CR or LF in a path, a
+# forwarded address or a subject cannot forge a line of the trail.
+_LOG_AUDIT = "%s: %r %r from %r, principal %r"
 _LOG_NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: %s: %s"
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -162,6 +165,12 @@ def _scope_tokens(name: str, values: object) -> tuple[str, ...]:
     return scopes
 
 
+def _scope_list(text: str) -> list[str]:
+    """RFC 6749 section 3.3: scopes are separated by spaces only, and a part that is not a scope-token
+    (a tab, a non-ASCII letter, a quote) is no scope at all, so it can never match a required one."""
+    return [part for part in text.split(" ") if _SCOPE_TOKEN.fullmatch(part)]
+
+
 def _is_number(value: object) -> TypeGuard[int | float]:
     """A JSON number: bool is an int to Python, but true is not 1 in a claim or an option."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -190,7 +199,19 @@ def _flag(name: str, value: object) -> bool:
 
 
 def _digest(token: str) -> bytes:
+    """How a token is looked up (API keys, the verdict cache): SHA-256, so no table ever holds the token."""
     return hashlib.sha256(token.encode()).digest()
+
+
+_PROCESS_KEY = secrets.token_bytes(32)
+
+
+def _keyed_digest(token: str) -> str:
+    """What may stand for a token where people read (principals, logs): an HMAC under a per-process key.
+
+    Unlike a plain hash, it cannot confirm a guessed password that a user pasted as a token.
+    """
+    return hmac.new(_PROCESS_KEY, token.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _quote(value: str) -> str:
@@ -267,6 +288,9 @@ class AccessToken:
     claims: dict[str, Any] = field(default_factory=dict)
     scopes: list[str] = field(default_factory=list)
     expires_at: float | None = None  # Unix seconds; None never expires
+    # Who vouches for the claims, where that is not their "iss": set by providers whose claims are
+    # their own (API keys), so that one source's subjects never pass for another's (see principal_key).
+    source: str | None = None
 
 
 # --- providers ----------------------------------------------------------------
@@ -286,6 +310,10 @@ def _verifier(name: str, provider: object) -> Callable[[str], Awaitable[AccessTo
     if not inspect.iscoroutinefunction(verify):
         raise TypeError(f"{name}: {type(provider).__name__}.verify_token must be an async method (async def ...)")
     return verify
+
+
+_API_KEYS = "mcp_bearer:api-key"  # the source of every API key's claims: never an IdP's issuer
+_UNNAMED_SOURCE = "mcp_bearer:provider"  # claims with neither a source nor an "iss"
 
 
 class StaticTokenProvider(BearerAuthProvider):
@@ -319,7 +347,7 @@ class StaticTokenProvider(BearerAuthProvider):
         if entry is None:
             return None
         claims, scopes = entry
-        return AccessToken(token, claims.copy(), list(scopes))
+        return AccessToken(token, claims.copy(), list(scopes), None, _API_KEYS)
 
 
 # --- network: the one helper that touches it ------------------------------------
@@ -423,7 +451,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _opener(scheme: str) -> urllib.request.OpenerDirector:
+    """Plain http (allowed to loopback only) never goes through a proxy: a proxy would read the token and
+    our client secret in clear text, and could answer for the endpoint. https honours HTTPS_PROXY and
+    NO_PROXY, read when the call is made, as urllib reads them."""
+    proxies = urllib.request.ProxyHandler({} if scheme == "http" else None)
+    return urllib.request.build_opener(proxies, _NoRedirect)
 
 
 def _http_exchange(url: str, body: bytes | None, headers: dict[str, str], deadline: float) -> tuple[int, bytes]:
@@ -434,7 +467,7 @@ def _http_exchange(url: str, body: bytes | None, headers: dict[str, str], deadli
     method = "GET" if body is None else "POST"
     request = urllib.request.Request(url, data=body, headers=headers, method=method)  # noqa: S310 - _checked_endpoint
     try:
-        response: Any = _opener.open(request, timeout=remaining)
+        response: Any = _opener(request.type).open(request, timeout=remaining)
     except urllib.error.HTTPError as error:
         response = error  # 3xx, 4xx, 5xx: a status to return; its body is read (and closed) like any other
     except urllib.error.URLError as error:  # reason: the socket or TLS error, never our headers or body
@@ -556,28 +589,39 @@ class _JWKSource:
         self._cooldown = cooldown
         self._timeout = timeout
         self.key_set: _KeySet | None = None  # installed by the worker thread that fetched it
-        self._fetch: concurrent.futures.Future[None] | None = None
+        self._fetch: concurrent.futures.Future[bool] | None = None
         self._last_attempt = -math.inf
         self._lock = threading.Lock()  # held for a few lines, never across I/O
 
-    async def key(self, kid: str | None, algorithm: str) -> Any:
-        """The key for this kid and algorithm; None for a token no key set can verify."""
-        key_set = self.key_set
-        if key_set is not None:
-            key = self._find(key_set, kid, algorithm)
-            if key is not _UNKNOWN_KID:
-                if time.monotonic() - key_set.fetched_at >= self._cache_seconds:
-                    self._start_fetch()  # stale: refresh in the background, answer now with what we have
-                return key
-        fetch = self._start_fetch()  # no key set yet, or a kid we have not seen: rotation, or a made-up kid
-        if fetch is not None:
-            with contextlib.suppress(TimeoutError):  # a slow fetch: answer with whatever set we have
-                await _result(fetch, self._timeout)
+    def cached_key(self, kid: str | None, algorithm: str) -> Any:
+        """The key from the set in hand (a stale set starts a refresh in the background), else ``_UNKNOWN_KID``."""
         key_set = self.key_set
         if key_set is None:
-            retry_after = max(1.0, self._last_attempt + self._cooldown - time.monotonic())
-            raise ProviderUnavailable(retry_after=retry_after)
+            return _UNKNOWN_KID
         key = self._find(key_set, kid, algorithm)
+        if key is not _UNKNOWN_KID and time.monotonic() - key_set.fetched_at >= self._cache_seconds:
+            self._start_fetch()  # stale: refresh in the background, answer now with what we have
+        return key
+
+    async def fetched_key(self, kid: str | None, algorithm: str) -> Any:
+        """The key after asking the issuer again (no set yet, or a kid we have not seen: rotation, or made up).
+
+        None only when a set fetched for this request does not know the kid. When it cannot be
+        refetched now (the cooldown, a failed or slow fetch), nobody can tell yet whether the token
+        is good: :class:`ProviderUnavailable`, a 503 that no cache keeps, rather than a 401 that a
+        newly rotated key's valid tokens would get.
+        """
+        fetch = self._start_fetch()
+        fetched = False
+        if fetch is not None:
+            with contextlib.suppress(TimeoutError):
+                fetched = await _result(fetch, self._timeout)
+        key = self.cached_key(kid, algorithm)
+        if key is _UNKNOWN_KID and not fetched:
+            retry_after = max(1.0, self._last_attempt + self._cooldown - time.monotonic())
+            raise ProviderUnavailable(
+                "no key for this kid, and the JWKS could not be fetched again now", retry_after=retry_after
+            )
         return None if key is _UNKNOWN_KID else key
 
     @staticmethod
@@ -587,7 +631,7 @@ class _JWKSource:
         keys = key_set.by_kid.get(kid)
         return _UNKNOWN_KID if keys is None else keys.get(algorithm)  # a kid of another key type: None
 
-    def _start_fetch(self) -> concurrent.futures.Future[None] | None:
+    def _start_fetch(self) -> concurrent.futures.Future[bool] | None:
         """The fetch in flight, else a new one unless the cooldown forbids it (then None)."""
         with self._lock:
             if self._fetch is not None and not self._fetch.done():
@@ -599,7 +643,7 @@ class _JWKSource:
             self._fetch = _worker_pool().submit(self._fetch_key_set, now + self._timeout)
             return self._fetch
 
-    def _fetch_key_set(self, deadline: float) -> None:
+    def _fetch_key_set(self, deadline: float) -> bool:
         """In a worker thread: fetch, parse and install a key set; on any failure keep the last good one.
 
         Installing here, not in a waiting request, keeps the result even if every waiter was cancelled.
@@ -609,8 +653,10 @@ class _JWKSource:
             if status != 200:
                 raise OSError(f"HTTP status {status}")
             self.key_set = _key_set(self._jwt, json.loads(body), self._algorithms)
-        except Exception as exc:
+        except Exception as exc:  # RecursionError from a deeply nested document included
             logger.warning(_LOG_JWKS_FAILED, self.url, f"{type(exc).__name__}: {exc}")
+            return False
+        return True
 
 
 def _identifiers(name: str, value: object) -> tuple[str, ...]:
@@ -631,8 +677,8 @@ def _pinned_algorithms(algorithms: object) -> tuple[str, ...]:
             raise ValueError("algorithm 'none' means an unsigned token and is never accepted (RFC 8725 3.1)")
         if algorithm not in _KEY_TYPES:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_KEY_TYPES)}")
-    hmac = [a for a in pinned if a.startswith("HS")]
-    if hmac and len(hmac) != len(pinned):  # RFC 8725 2.1: a public key must never be read as an HMAC secret
+    symmetric = [a for a in pinned if a.startswith("HS")]
+    if symmetric and len(symmetric) != len(pinned):  # RFC 8725 2.1: a public key must never be read as an HMAC secret
         raise ValueError("HMAC (HS*) algorithms cannot be mixed with public-key algorithms")
     return pinned
 
@@ -647,9 +693,9 @@ def _scopes(claims: Mapping[str, Any]) -> list[str] | None:
         if value is None:
             continue
         if isinstance(value, str):
-            return value.split()
+            return _scope_list(value)
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
-            return list(value)
+            return [s for s in value if _SCOPE_TOKEN.fullmatch(s)]
         return None
     return []
 
@@ -663,12 +709,12 @@ class JWTProvider(BearerAuthProvider):
     audience are always checked (sections 3.8, 3.9); headers that would choose
     their own key (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored, and any ``crit``
     header is refused (RFC 7515 section 4.1.11: we understand no extensions).
+    Token types (sections 3.11, 3.12): with ``required_typ="at+jwt"`` only RFC 9068
+    access tokens pass; an ID token is refused wherever it shows (a ``nonce`` claim).
 
-    Keys come from ``key`` (a PEM public key, or an HMAC secret) or from ``jwks_url``,
-    fetched on first need in a worker thread, kept ``jwks_cache_seconds``,
-    refetched for an unknown ``kid`` at most once per ``jwks_refresh_cooldown``
-    (concurrent requests share one fetch), and kept when a refresh fails. Only
-    with no key set at all does verification raise :class:`ProviderUnavailable`.
+    Keys come from ``key`` (a PEM public key, or an HMAC secret) or from ``jwks_url``
+    (see ``_JWKSource``). A token from another issuer is None before any key lookup,
+    so that one issuer's outage never becomes another's 503 in a :class:`ProviderChain`.
     """
 
     def __init__(
@@ -681,6 +727,7 @@ class JWTProvider(BearerAuthProvider):
         algorithms: Sequence[str] = ("RS256",),
         leeway: float = 30.0,
         required_claims: Sequence[str] = ("exp", "iss", "aud", "sub"),
+        required_typ: str | None = None,
         jwks_cache_seconds: float = 3600.0,
         jwks_refresh_cooldown: float = 30.0,
         jwks_timeout: float = 5.0,
@@ -688,22 +735,22 @@ class JWTProvider(BearerAuthProvider):
         self._issuer = _identifiers("issuer", issuer)
         self._audience = _identifiers("audience", audience)
         self._algorithms = _pinned_algorithms(algorithms)
-        hmac = self._algorithms[0].startswith("HS")
+        symmetric = self._algorithms[0].startswith("HS")
         if (jwks_url is None) == (key is None):
             raise ValueError("give exactly one of jwks_url= (the issuer's JWKS) and key= (a PEM public key or secret)")
-        if hmac and jwks_url is not None:
+        if symmetric and jwks_url is not None:
             raise ValueError("HMAC (HS*) needs a shared secret as key=; a JWKS publishes public keys only")
         self._leeway = _seconds("leeway", leeway, zero=True)
+        required = list(_strings("required_claims", required_claims))
         # enforce_minimum_key_length: RFC 7518 3.2 and 3.3 (HMAC secrets, RSA keys of 2048 bits and more).
-        self._options = {
-            "require": list(_strings("required_claims", required_claims)),
-            "enforce_minimum_key_length": True,
-        }
+        self._options = {"require": required, "enforce_minimum_key_length": True}
+        self._issuer_required = "iss" in required
+        self._typ = _token_type(required_typ)
         cache_seconds = _seconds("jwks_cache_seconds", jwks_cache_seconds)
         cooldown = _seconds("jwks_refresh_cooldown", jwks_refresh_cooldown, zero=True)
         timeout = _seconds("jwks_timeout", jwks_timeout)
         url = None if jwks_url is None else _checked_endpoint("jwks_url", jwks_url)
-        self._jwt: Any = _import_pyjwt(crypto=not hmac)
+        self._jwt: Any = _import_pyjwt(crypto=not symmetric)
 
         self._jwks: _JWKSource | None = None
         self._static_keys: dict[str, Any] = {}  # parsed once, here: no PEM parsing per request
@@ -721,6 +768,8 @@ class JWTProvider(BearerAuthProvider):
     def _prepared_key(self, algorithm: str, key: str | bytes) -> Any:
         """The key object PyJWT verifies ``algorithm`` with; messages never quote the key."""
         implementation = self._jwt.get_algorithm_by_name(algorithm)
+        if algorithm.startswith("HS") and _looks_like_a_public_key(key):
+            raise ValueError("key looks like a public key (PEM, DER or a JWK), not an HMAC secret (RFC 8725 2.1)")
         try:
             prepared = implementation.prepare_key(key)
         except Exception:
@@ -746,7 +795,14 @@ class JWTProvider(BearerAuthProvider):
         if header is None:  # not a JWS we accept: no key lookup, no fetch (an API key in a chain never waits)
             return None
         algorithm, kid = header
-        key = self._static_keys.get(algorithm) if self._jwks is None else await self._jwks.key(kid, algorithm)
+        if self._jwks is None:
+            key = self._static_keys.get(algorithm)
+        else:
+            key = self._jwks.cached_key(kid, algorithm)
+            if key is _UNKNOWN_KID:
+                if not self._from_our_issuer(token):  # another issuer's token never waits on our JWKS
+                    return None
+                key = await self._jwks.fetched_key(kid, algorithm)
         if key is None:
             return None
         try:
@@ -765,7 +821,7 @@ class JWTProvider(BearerAuthProvider):
         expires = claims.get("exp")
         if expires is not None and not _is_number(expires):
             return None  # PyJWT reads "exp": "123" as a number; an RFC 7519 NumericDate is a JSON number
-        if scopes is None:
+        if scopes is None or "nonce" in claims:  # OIDC Core 2: a nonce is an ID token's, never an access token's
             return None
         # exp + leeway: the middleware refuses at the same instant PyJWT would.
         return AccessToken(token, claims, scopes, None if expires is None else expires + self._leeway)
@@ -793,29 +849,85 @@ class JWTProvider(BearerAuthProvider):
         return header
 
     def _read_header(self, segment: str) -> tuple[str, str | None] | None:
-        try:
-            header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-        except (ValueError, RecursionError):
-            return None
+        header = _json_segment(segment)
         if not isinstance(header, dict) or "crit" in header:
             return None
-        algorithm, kid = header.get("alg"), header.get("kid")
+        algorithm, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
         if not isinstance(algorithm, str) or algorithm not in self._algorithms:  # the header never chooses
             return None
         if kid is not None and not isinstance(kid, str):
             return None
+        if self._typ is not None and (
+            not isinstance(typ, str) or typ.lower().removeprefix("application/") != self._typ
+        ):
+            return None  # RFC 9068 section 4 / RFC 8725 section 3.11: explicit typing, compared case-insensitively
         return algorithm, kid
+
+    def _from_our_issuer(self, token: str) -> bool:
+        """Whether the token's unverified ``iss`` is one we accept: read only before fetching keys for it."""
+        claims = _json_segment(token.split(".")[1])
+        issuer = claims.get("iss") if isinstance(claims, dict) else None
+        if issuer is None:
+            return not self._issuer_required and isinstance(claims, dict)
+        return issuer in self._issuer
+
+
+def _json_segment(segment: str) -> Any:
+    """A base64url JSON segment of a JWS (the header, the claims), or None where it is not one."""
+    try:
+        return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _token_type(required_typ: object) -> str | None:
+    """The ``typ`` a JWTProvider requires, as compared: lower case, without ``application/`` (RFC 7515 4.1.9)."""
+    if required_typ is None:
+        return None
+    typ = _checked_text("required_typ", required_typ, header=True).lower().removeprefix("application/")
+    if not typ:
+        raise ValueError("required_typ must name a media type, e.g. 'at+jwt' (RFC 9068), or be None")
+    return typ
+
+
+def _looks_like_a_public_key(key: str | bytes) -> bool:
+    """A PEM block, a DER SEQUENCE filling the whole key, or a JWK (Set) in JSON: no HMAC secret (RFC 8725 2.1).
+
+    PyJWT 2.13 refuses these too (CVE-2026-48526); a vendored copy may meet an older one.
+    """
+    data = key.encode() if isinstance(key, str) else key
+    if b"-----BEGIN" in data or data.startswith((b"ssh-", b"ecdsa-")):
+        return True
+    if (
+        isinstance(key, bytes) and len(data) > 2 and data[0] == 0x30
+    ):  # ASN.1 SEQUENCE: its length field accounts for the rest exactly
+        size = data[1]
+        if size < 0x80:
+            return 2 + size == len(data)
+        width = size & 0x7F
+        return 0 < width <= 4 and 2 + width + int.from_bytes(data[2 : 2 + width], "big") == len(data)
+    with contextlib.suppress(ValueError, RecursionError):
+        document = json.loads(data)
+        return isinstance(document, dict) and ("kty" in document or "keys" in document)
+    return False
+
+
+_PYJWT_FLOOR = (2, 13)  # 2.8-2.9 refuse every issuer tuple; < 2.11 skip key lengths; < 2.13 CVE-2026-48526
 
 
 def _import_pyjwt(*, crypto: bool) -> Any:
-    """PyJWT, imported when a JWTProvider is built, never at module import."""
-    message = "JWTProvider needs PyJWT with its crypto extra: pip install 'mcp_bearer[jwt]' (or 'pyjwt[crypto]')"
+    """PyJWT, imported when a JWTProvider is built, never at module import; one too old is refused."""
+    install = "pip install 'pyjwt[crypto]>=2.13'"
     try:
         jwt: Any = importlib.import_module("jwt")
     except ImportError:
-        raise ImportError(message) from None
+        raise ImportError(f"JWTProvider needs PyJWT 2.13 or newer with its crypto extra: {install}") from None
+    version = str(getattr(jwt, "__version__", "0"))
+    found = tuple(int(part) if part.isdigit() else 0 for part in version.split(".")[:2])
+    if found < _PYJWT_FLOOR:  # its documented checks silently do nothing on older releases
+        raise ImportError(f"JWTProvider needs PyJWT 2.13 or newer, found {version}: {install}")
     if crypto and not jwt.algorithms.has_crypto:
-        raise ImportError(message)
+        raise ImportError(f"JWTProvider needs PyJWT's crypto extra (the cryptography package): {install}")
     return jwt
 
 
@@ -875,7 +987,7 @@ class IntrospectionProvider(BearerAuthProvider):
             raise ProviderUnavailable(f"introspection endpoint answered HTTP {status}")
         try:
             answer = json.loads(body)
-        except ValueError:  # UnicodeDecodeError and RecursionError's cousins included
+        except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: deeply nested JSON
             answer = None
         scope, expires = (answer.get("scope", ""), answer.get("exp")) if isinstance(answer, dict) else (None, None)
         if not isinstance(scope, str) or not (expires is None or _is_number(expires)):
@@ -883,11 +995,24 @@ class IntrospectionProvider(BearerAuthProvider):
         assert isinstance(answer, dict)
         if answer.get("active") is not True:  # RFC 7662 2.2: only the JSON literal true is active
             return None
+        if _is_refresh_token(answer):  # RFC 8725 3.12 in spirit: a refresh token is no access token
+            return None
         if self._audience is not None:
             audience = answer.get("aud")
             if not (audience == self._audience or (isinstance(audience, list) and self._audience in audience)):
                 return None  # RFC 7662 section 4: a token issued for another resource server
-        return AccessToken(token, answer, scope.split(), None if expires is None else float(expires))
+        return AccessToken(token, answer, _scope_list(scope), None if expires is None else float(expires))
+
+
+def _is_refresh_token(answer: Mapping[str, Any]) -> bool:
+    """Whether an introspection answer says it describes a refresh token. Servers say it in different words:
+    ``token_type`` (RFC 7662 2.2; "refresh_token" in Authlib and Spring), ``token_use`` (ORY Hydra),
+    ``typ`` (Keycloak: "Refresh")."""
+    for name in ("token_type", "token_use", "typ"):
+        value = answer.get(name)
+        if isinstance(value, str) and "refresh" in value.lower():
+            return True
+    return False
 
 
 class _Verdict(NamedTuple):
@@ -896,45 +1021,69 @@ class _Verdict(NamedTuple):
     claims: _Claims
     scopes: tuple[str, ...]
     expires_at: float | None
+    source: str | None
 
 
 class CachedProvider(BearerAuthProvider):
     """Remembers another provider's verdicts, so that a token service is asked once per token per ``ttl``.
 
     - Never past the token's own ``expires_at``; a token already expired is not kept.
-    - ``negative_ttl > 0`` also remembers "no" that long (a bad token hammering the service).
+    - ``negative_ttl > 0`` also remembers "no" that long (a bad token hammering the service), in a
+      table of its own, bounded by ``max_negative_entries`` (default a tenth of ``max_entries``), so
+      that a flood of made-up tokens never pushes out the verdicts of real ones.
     - Keyed by the token's SHA-256 digest; entries hold claims, never the token, and each
       request gets its own :class:`AccessToken` and its own copy of the claims.
-    - Concurrent first requests for one token share one call (single flight).
-    - Exceptions (:class:`ProviderUnavailable` included) are never kept.
+    - Concurrent first requests for one token share one call (single flight), and its answer:
+      a verdict, or the exception (a verdict that cannot be kept is one) the first caller got.
+    - Exceptions (:class:`ProviderUnavailable` included: "cannot tell yet") are never kept.
     - At most ``max_entries``, oldest first. ``invalidate(token)`` forgets one (revocation), ``clear()`` all.
     """
 
     def __init__(
-        self, provider: BearerAuthProvider, *, ttl: float = 300.0, negative_ttl: float = 0.0, max_entries: int = 10_000
+        self,
+        provider: BearerAuthProvider,
+        *,
+        ttl: float = 300.0,
+        negative_ttl: float = 0.0,
+        max_entries: int = 10_000,
+        max_negative_entries: int | None = None,
     ) -> None:
         self._verify = _verifier("provider", provider)
         self._ttl = _seconds("ttl", ttl)
         self._negative_ttl = _seconds("negative_ttl", negative_ttl, zero=True)
         self._max_entries = _positive_int("max_entries", max_entries)
-        # digest -> (monotonic deadline, the verdict, or None for "no")
-        self._entries: dict[bytes, tuple[float, _Verdict | None]] = {}
+        self._max_refused = (
+            max(1, self._max_entries // 10)
+            if max_negative_entries is None
+            else _positive_int("max_negative_entries", max_negative_entries)
+        )
+        self._entries: dict[bytes, tuple[float, _Verdict]] = {}  # digest -> (monotonic deadline, "yes")
+        self._refused: dict[bytes, float] = {}  # digest -> monotonic deadline of a kept "no"
         self._flights: dict[bytes, concurrent.futures.Future[AccessToken | None]] = {}
         self._generation = 0  # bumped by invalidate/clear: a verdict begun before them is not kept
 
     def __repr__(self) -> str:
-        return f"CachedProvider({len(self._entries)} entries, ttl={self._ttl}, negative_ttl={self._negative_ttl})"
+        entries = len(self._entries) + len(self._refused)
+        return f"CachedProvider({entries} entries, ttl={self._ttl}, negative_ttl={self._negative_ttl})"
 
     async def verify_token(self, token: str) -> AccessToken | None:
         key = _digest(token)
         entry = self._entries.get(key)
         if entry is not None:
-            deadline, verdict = entry
+            deadline, (claims, scopes, expires_at, source) = entry
             if time.monotonic() < deadline:
-                if verdict is None:
-                    return None
-                return AccessToken(token, verdict.claims.copy(), list(verdict.scopes), verdict.expires_at)
+                return AccessToken(token, claims.copy(), list(scopes), expires_at, source)
             del self._entries[key]
+        if self._refused:
+            refused_until = self._refused.get(key)
+            if refused_until is not None:
+                if time.monotonic() < refused_until:
+                    return None
+                del self._refused[key]
+        return await self._ask(key, token)
+
+    async def _ask(self, key: bytes, token: str) -> AccessToken | None:
+        """The wrapped provider's verdict, one call for all concurrent requests with this token."""
         while (flight := self._flights.get(key)) is not None:
             with contextlib.suppress(concurrent.futures.CancelledError):  # its caller went away: ask ourselves
                 return _own_access(token, await _result(flight))
@@ -942,6 +1091,9 @@ class CachedProvider(BearerAuthProvider):
         generation = self._generation
         try:
             access = await self._verify(token)
+            if generation == self._generation:
+                self._keep(key, access)
+            shared = _own_access(token, access)  # a snapshot: this request's app may change its own
         except Exception as exc:  # shared with the requests waiting on this flight, never kept
             flight.set_exception(exc)
             raise
@@ -950,34 +1102,39 @@ class CachedProvider(BearerAuthProvider):
             raise
         finally:
             del self._flights[key]
-        if generation == self._generation:
-            self._keep(key, access)
-        flight.set_result(_own_access(token, access))  # a snapshot: this request's app may change its own
+        flight.set_result(shared)
         return access
 
     def _keep(self, key: bytes, access: AccessToken | None) -> None:
+        now = time.monotonic()
         if access is None:
-            ttl, verdict = self._negative_ttl, None
-        elif isinstance(access, AccessToken):
-            ttl = self._ttl
-            if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
-                left = access.expires_at - time.time()
-                ttl = min(ttl, left) if left > 0 else 0
-            verdict = _Verdict(_Claims(access.claims), tuple(access.scopes), access.expires_at)
-        else:
+            if self._negative_ttl > 0:
+                self._refused[key] = now + self._negative_ttl
+                if len(self._refused) > self._max_refused:
+                    del self._refused[next(iter(self._refused))]
+            return
+        if not isinstance(access, AccessToken):
             return  # not a verdict: the middleware answers it with 500
+        ttl = self._ttl
+        if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
+            left = access.expires_at - time.time()
+            ttl = min(ttl, left) if left > 0 else 0
+        verdict = _Verdict(_Claims(access.claims), tuple(access.scopes), access.expires_at, access.source)
         if ttl > 0:
-            self._entries[key] = (time.monotonic() + ttl, verdict)
+            self._entries[key] = (now + ttl, verdict)
             if len(self._entries) > self._max_entries:
                 del self._entries[next(iter(self._entries))]
 
     def invalidate(self, token: str) -> None:
         """Forget one token's verdict (say, it was revoked); a verdict being fetched now is not kept either."""
-        self._entries.pop(_digest(token), None)
+        key = _digest(token)
+        self._entries.pop(key, None)
+        self._refused.pop(key, None)
         self._generation += 1
 
     def clear(self) -> None:
         self._entries.clear()
+        self._refused.clear()
         self._generation += 1
 
 
@@ -985,7 +1142,7 @@ def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
     """Another request's verdict, for this request: its own AccessToken and claims."""
     if not isinstance(shared, AccessToken):
         return shared  # None, or a wrong type the middleware answers with 500
-    return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at)
+    return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at, shared.source)
 
 
 class ProviderChain(BearerAuthProvider):
@@ -993,7 +1150,8 @@ class ProviderChain(BearerAuthProvider):
 
     ``None`` moves on to the next provider. An exception stops the chain and reaches the
     middleware (500, or 503 for :class:`ProviderUnavailable`): a broken provider is never
-    silently skipped.
+    silently skipped. An answer whose claims name no issuer (no ``iss``, no ``source``) is
+    marked with its provider's position, so two providers' subjects never pass for each other.
     """
 
     def __init__(self, *providers: BearerAuthProvider) -> None:
@@ -1002,9 +1160,11 @@ class ProviderChain(BearerAuthProvider):
         self._verifiers = [_verifier(f"provider #{n}", p) for n, p in enumerate(providers, 1)]
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        for verify in self._verifiers:
+        for position, verify in enumerate(self._verifiers, 1):
             access = await verify(token)
             if access is not None:
+                if isinstance(access, AccessToken) and access.source is None and _claimed_issuer(access) is None:
+                    access.source = f"{_UNNAMED_SOURCE}#{position}"
                 return access
         return None
 
@@ -1041,6 +1201,33 @@ def get_access_token() -> AccessToken | None:
     state = scope.get("state")
     token = state.get("access_token") if isinstance(state, Mapping) else None
     return token if isinstance(token, AccessToken) else None
+
+
+def _claimed_issuer(access: AccessToken) -> str | None:
+    issuer = access.claims.get("iss") if isinstance(access.claims, Mapping) else None
+    return issuer if isinstance(issuer, str) and issuer else None
+
+
+def principal_key(access: AccessToken | None = None) -> str | None:
+    """Who is calling, as a stable string: for handles a tool mints and must later give back to the same caller.
+
+    The principal is (issuer, subject): RFC 7519 section 4.1.2 makes ``sub`` unique only within
+    its issuer (OIDC Core 5.7). The issuer is the token's source where it has one (API keys are
+    ``mcp_bearer:api-key``, never an IdP's), else its ``iss``. Keys of one user that share both
+    give the same key (rotation). A token without ``sub`` is its own principal, named by a keyed
+    digest that holds only within this process. Defaults to the current request's token;
+    None outside a request.
+    """
+    access = get_access_token() if access is None else access
+    return None if access is None else _principal(access)
+
+
+def _principal(access: AccessToken) -> str:
+    subject = access.claims.get("sub") if isinstance(access.claims, Mapping) else None
+    if not isinstance(subject, str) or not subject:
+        return json.dumps(["mcp_bearer:token", _keyed_digest(access.token)])
+    issuer = access.source or _claimed_issuer(access) or _UNNAMED_SOURCE
+    return json.dumps([issuer, subject])
 
 
 def require_auth() -> AccessToken:
@@ -1138,22 +1325,10 @@ def _retry_after(seconds: object) -> int:
 def _is_preflight(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """A CORS preflight (Fetch standard): OPTIONS with Origin and Access-Control-Request-Method.
 
-    Browsers never send credentials on a preflight, so it must pass unauthenticated.
+    Browsers never send credentials on a preflight, so it cannot be authenticated.
     """
     names = {name.lower() for name, _ in headers}
     return b"origin" in names and b"access-control-request-method" in names
-
-
-def _principal(access: AccessToken, token: str) -> str:
-    """Who owns a session: the ``sub`` claim, else the token's digest (never the token).
-
-    Keying on ``sub`` lets a user rotate keys mid-session; the prefixes keep a
-    ``sub`` from ever equalling some token's digest.
-    """
-    subject = access.claims.get("sub") if isinstance(access.claims, Mapping) else None
-    if isinstance(subject, str) and subject:
-        return "sub:" + subject
-    return "token:" + _digest(token).hex()
 
 
 class _SessionOwners:
@@ -1178,33 +1353,50 @@ class _SessionOwners:
         self._message_paths: set[str] = set()  # where the app takes legacy SSE posts, learned from its events
 
     def admit(
-        self, scope: Scope, send: Send, access: AccessToken, token: str, session_id: bytes | None
+        self, scope: Scope, send: Send, access: AccessToken, session_id: bytes | None
     ) -> tuple[_Response | None, Send, Callable[[], None] | None]:
         """A refusal, or the ``send`` that watches the response, and what to do once the app is done."""
         method = scope.get("method")
-        if self._message_paths and _under(scope["path"], self._message_paths):
-            key = _sse_session_key(scope.get("query_string", b""))
-            if key is not None and self.owners.get(key) != _principal(access, token):
-                return self._not_found, send, None
+        if self._message_paths and self._names_anothers_stream(scope, access):
+            return self._not_found, send, None
         if session_id is not None:
-            if self.owners.get(session_id) != _principal(access, token):
+            if self.owners.get(session_id) != _principal(access):
                 return self._not_found, send, None
             return None, self._ending_send(send, session_id, method == "DELETE"), None
         if method == "POST":  # only an initialize POST creates a session
-            return None, self._binding_send(send, access, token), None
+            return None, self._binding_send(send, access), None
         if method == "GET":  # a GET may open a legacy SSE stream, whose first event names its session
             stream: list[str] = []
-            return None, self._stream_send(send, _principal(access, token), stream), lambda: self._end(stream)
+            watching = self._stream_send(send, _principal(access), scope.get("root_path", ""), stream)
+            return None, watching, lambda: self._end(stream)
         return None, send, None
 
-    def _binding_send(self, send: Send, access: AccessToken, token: str) -> Send:
+    def _names_anothers_stream(self, scope: Scope, access: AccessToken) -> bool:
+        """Whether a request reaches, or may reach, a legacy SSE session its principal does not own.
+
+        Judged wherever the request is sent, not only on the messages path: servers differ in
+        whether ``path`` carries ``root_path`` (uvicorn does; hypercorn, granian and prefix-stripping
+        proxies do not), and Starlette routes both spellings to the SDK. Each ``session_id`` is
+        read as the SDK reads it. On a messages path a request must name exactly one session, its
+        own; elsewhere, naming a session someone else owns is enough to be refused.
+        """
+        keys = _sse_session_keys(scope.get("query_string", b""))
+        on_messages_path = _under(_relative_path(scope), self._message_paths)
+        if not keys:
+            return False  # no session named: the SDK itself answers 400
+        principal = _principal(access)
+        if on_messages_path and (len(keys) != 1 or self.owners.get(keys[0]) != principal):
+            return True
+        return any(self.owners.get(key, principal) != principal for key in keys)
+
+    def _binding_send(self, send: Send, access: AccessToken) -> Send:
         """Watch a response that may create a session, and bind the session to its creator."""
 
         async def binding_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 for name, value in message.get("headers", ()):
                     if len(name) == 14 and name.lower() == b"mcp-session-id" and value:
-                        self._bind(value, _principal(access, token))
+                        self._bind(value, _principal(access))
             await send(message)
 
         return binding_send
@@ -1222,7 +1414,7 @@ class _SessionOwners:
 
         return ending_send
 
-    def _stream_send(self, send: Send, principal: str, stream: list[str]) -> Send:
+    def _stream_send(self, send: Send, principal: str, root_path: str, stream: list[str]) -> Send:
         """Watch a GET's response for a legacy SSE stream, and bind the session its first event names."""
         watching = False
         seen = b""
@@ -1240,16 +1432,17 @@ class _SessionOwners:
                 if endpoint is not None or len(seen) > _MAX_SSE_PREAMBLE:
                     watching, seen = False, b""
                 if endpoint:
-                    self._bind_endpoint(endpoint, principal, stream)
+                    self._bind_endpoint(endpoint, principal, root_path, stream)
             await send(message)
 
         return stream_send
 
-    def _bind_endpoint(self, endpoint: str, principal: str, stream: list[str]) -> None:
+    def _bind_endpoint(self, endpoint: str, principal: str, root_path: str, stream: list[str]) -> None:
         parts = urlsplit(endpoint)
-        key = _sse_session_key(parts.query.encode("latin-1", "replace"))
-        if key:
-            path = unquote(parts.path)
+        keys = _sse_session_keys(parts.query.encode("latin-1", "replace"))
+        if len(keys) == 1 and keys[0]:
+            key = keys[0]
+            path = _without_root(unquote(parts.path), root_path)  # the SDK puts root_path in front
             if path not in self._message_paths:
                 # Too many distinct ones (a mount with a path parameter?): guard session_id on every path.
                 full = len(self._message_paths) >= _MAX_MESSAGE_PATHS
@@ -1273,21 +1466,29 @@ def _under(path: str, prefixes: Iterable[str]) -> bool:
     return any(path.startswith(prefix) or path + "/" == prefix for prefix in prefixes)
 
 
-def _sse_session_key(query_string: bytes) -> str | None:
-    """The legacy SSE session a query string names: None for none, "" for one we refuse to guess at.
+def _sse_session_keys(query_string: bytes) -> list[str]:
+    """The legacy SSE sessions a query string names, canonical; "" for a value the SDK could not route.
 
     Read as the SDK reads it (Starlette's query parsing, then ``UUID(hex=...)``), so every spelling it
     would route (upper case, ``{id}``, ``urn:uuid:id``, ``session%5Fid=``) names the same session.
     """
-    values = [v for k, v in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True) if k == "session_id"]
-    if not values:
-        return None
-    if len(values) > 1:  # the SDK reads the last; a proxy or the app might read the first
-        return ""
-    try:
-        return uuid.UUID(hex=values[0]).hex
-    except ValueError:
-        return ""
+    keys = []
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name == "session_id":
+            try:
+                keys.append(uuid.UUID(hex=value).hex)
+            except ValueError:
+                keys.append("")
+    return keys
+
+
+def _without_root(path: str, root_path: str) -> str:
+    """A path relative to the app's mount point: ``root_path`` taken off where the server left it on."""
+    return path[len(root_path) :] if root_path and path.startswith(root_path) else path
+
+
+def _relative_path(scope: Scope) -> str:
+    return _without_root(scope["path"], scope.get("root_path", ""))
 
 
 def _sse_endpoint(stream: bytes) -> str | None:
@@ -1355,6 +1556,21 @@ def _logged_when_refused(init: Callable[_P, None]) -> Callable[_P, None]:
 
 
 _PASS = _Response(0, (), b"")  # a public request: the app answers it, unauthenticated
+# A CORS preflight is answered here and never reaches the app: an OPTIONS that an app (or an
+# older MCP SDK release) acted on, opening a session or taking a body, would act for anyone.
+# Fetch standard: "*" allows any method and header in a request without credentials (a bearer
+# token is not one), except Authorization, which must be named. Reading a response still needs
+# the app's (or an outer CORSMiddleware's) Access-Control-Allow-Origin on it.
+_PREFLIGHT = _Response(
+    204,
+    (
+        (b"access-control-allow-origin", b"*"),
+        (b"access-control-allow-methods", b"*"),
+        (b"access-control-allow-headers", b"authorization, *"),
+        (b"access-control-max-age", b"600"),
+    ),
+    b"",
+)
 
 
 class BearerAuthMiddleware:
@@ -1436,16 +1652,16 @@ class BearerAuthMiddleware:
         else:
             refusal = self._judge(access)
         if refusal is not None:  # sent outside the try: a failing send is the server's error, not the provider's
-            return await self._refuse(scope, send, refusal, token, access)
+            return await self._refuse(scope, send, refusal, access)
         assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
         ended = None
         if self._sessions is not None and kind == "http":
-            refusal, send, ended = self._sessions.admit(scope, send, access, token, session_id)
+            refusal, send, ended = self._sessions.admit(scope, send, access, session_id)
             if refusal is not None:
-                return await self._refuse(scope, send, refusal, token, access)
+                return await self._refuse(scope, send, refusal, access)
 
         if self._audit:
-            self._audit_decision(scope, None, token, access)
+            self._audit_decision(scope, None, access)
         scope.setdefault("state", {})["access_token"] = access  # where Starlette's request.state finds it
         reset = _current_token.set(access)
         try:
@@ -1473,18 +1689,14 @@ class BearerAuthMiddleware:
 
         Excluded paths and RFC 9728 metadata match exactly, after ``root_path``.
         """
-        path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :]
         method = scope.get("method")
-        answer = self._open_paths.get(path)
+        answer = self._open_paths.get(_relative_path(scope))
         if answer is _PASS or (answer is not None and method == "GET"):
             return answer
         if answer is not None and method == "HEAD":
             return self._metadata_head
         if method == "OPTIONS" and self._allow_cors_preflight and _is_preflight(scope["headers"]):
-            return _PASS
+            return _PREFLIGHT
         return None
 
     def _credentials(self, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | _Response, bytes | None]:
@@ -1553,19 +1765,19 @@ class BearerAuthMiddleware:
             return self._refusals.insufficient_scope
         return None
 
-    async def _refuse(
-        self, scope: Scope, send: Send, refusal: _Response, token: str | None = None, access: object = None
-    ) -> None:
+    async def _refuse(self, scope: Scope, send: Send, refusal: _Response, access: object = None) -> None:
         if self._audit:
-            self._audit_decision(scope, refusal, token, access)
+            self._audit_decision(scope, refusal, access)
         await self._respond(scope, send, refusal)
 
-    def _audit_decision(self, scope: Scope, refusal: _Response | None, token: str | None, access: object) -> None:
-        """One INFO record on ``mcp_bearer.audit``: who asked for what, and the answer. Never the token."""
+    def _audit_decision(self, scope: Scope, refusal: _Response | None, access: object) -> None:
+        """One INFO record on ``mcp_bearer.audit``: who asked for what, and the answer.
+
+        The principal is the one sessions are bound to, for a token the provider verified;
+        a refused token is named by nothing derived from it (no digest can confirm a guess).
+        """
         status, error = (None, None) if refusal is None else (refusal.status, refusal.error)
         client = scope.get("client")
-        claims = access.claims if isinstance(access, AccessToken) and isinstance(access.claims, Mapping) else {}
-        subject = claims.get("sub")
         fields = {
             "outcome": "allowed" if refusal is None else f"{status} {error}",
             "status": status,
@@ -1573,7 +1785,7 @@ class BearerAuthMiddleware:
             "method": scope.get("method", "WEBSOCKET"),
             "path": scope["path"],
             "client": f"{client[0]}:{client[1]}" if client else None,
-            "principal": subject if isinstance(subject, str) and subject else token and _digest(token).hex()[:12],
+            "principal": _principal(access) if isinstance(access, AccessToken) else None,
         }
         values = (fields["outcome"], fields["method"], fields["path"], fields["client"], fields["principal"])
         _audit_logger.info(_LOG_AUDIT, *values, extra={"mcp_bearer": fields})
