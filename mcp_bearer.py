@@ -47,6 +47,7 @@ import base64
 import concurrent.futures
 import contextlib
 import contextvars
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -83,6 +84,7 @@ __all__ = [
     "InsufficientScopeError",
     "IntrospectionProvider",
     "JWTProvider",
+    "Operation",
     "ProviderChain",
     "ProviderUnavailable",
     "StaticTokenProvider",
@@ -291,6 +293,19 @@ class AccessToken:
     # Who vouches for the claims, where that is not their "iss": set by providers whose claims are
     # their own (API keys), so that one source's subjects never pass for another's (see principal_key).
     source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One MCP operation a request asks for, as the app will read it (see ``operation_scopes``).
+
+    ``method`` is the JSON-RPC method (``"tools/call"``), ``name`` the tool or prompt name or the
+    resource URI (None for methods that name nothing), ``params`` the request's params as sent.
+    """
+
+    method: str
+    name: str | None
+    params: Mapping[str, Any]
 
 
 # --- providers ----------------------------------------------------------------
@@ -1174,6 +1189,48 @@ class ProviderChain(BearerAuthProvider):
 _current_token: contextvars.ContextVar[AccessToken | None] = contextvars.ContextVar(
     "mcp_bearer_access_token", default=None
 )
+_current_hierarchy: contextvars.ContextVar[_ScopeHierarchy | None] = contextvars.ContextVar(
+    "mcp_bearer_scope_implies", default=None
+)
+_HIERARCHY_KEY = "mcp_bearer.scope_implies"  # where scope["state"] carries it, for mcp 1.x sessions
+
+
+class _ScopeHierarchy:
+    """Which scopes each scope implies, transitively; cycles are harmless.
+
+    MCP 2026-07-28, Authorization: "Servers MUST account for scope hierarchies, where a broader
+    scope implies narrower ones, when deciding whether a token is sufficient for an operation."
+    """
+
+    def __init__(self, implies: object = None) -> None:
+        self._closure: dict[str, frozenset[str]] = {}
+        if implies is None:
+            return
+        if not isinstance(implies, Mapping):
+            raise TypeError(f"scope_implies must be a mapping of scope -> implied scopes, not {type(implies).__name__}")
+        edges = {broad: _scope_tokens(f"scope_implies[{broad!r}]", narrow) for broad, narrow in implies.items()}
+        _scope_tokens("scope_implies", list(edges))
+        for broad in edges:
+            reached, stack = {broad}, [broad]
+            while stack:
+                for narrow in edges.get(stack.pop(), ()):
+                    if narrow not in reached:
+                        reached.add(narrow)
+                        stack.append(narrow)
+            self._closure[broad] = frozenset(reached)
+
+    def effective(self, granted: object) -> frozenset[str]:
+        """The scopes a grant amounts to; a grant that is not a list of strings amounts to none."""
+        if isinstance(granted, str) or not isinstance(granted, (list, tuple, set, frozenset)):
+            return frozenset()
+        scopes: set[str] = set()
+        for scope in granted:
+            if isinstance(scope, str):
+                scopes.update(self._closure.get(scope, (scope,)))
+        return frozenset(scopes)
+
+
+_NO_HIERARCHY = _ScopeHierarchy()
 
 
 def _mcp_request_scope() -> Mapping[str, Any] | None:
@@ -1239,9 +1296,14 @@ def require_auth() -> AccessToken:
 
 
 def require_scopes(*scopes: str) -> AccessToken:
-    """The current request's token if it holds every scope; else :class:`InsufficientScopeError`."""
+    """The current request's token if it holds every scope, or one that implies it (``scope_implies``);
+    else :class:`InsufficientScopeError`."""
     token = require_auth()
-    missing = [s for s in scopes if s not in token.scopes]
+    scope = _mcp_request_scope()
+    state = scope.get("state") if scope is not None else None
+    hierarchy = state.get(_HIERARCHY_KEY) if isinstance(state, Mapping) else _current_hierarchy.get()
+    granted = (hierarchy or _NO_HIERARCHY).effective(token.scopes)
+    missing = [s for s in scopes if s not in granted]
     if missing:
         raise InsufficientScopeError(missing)
     return token
@@ -1270,11 +1332,16 @@ def _json_response(status: int, body: Mapping[str, Any], headers: Iterable[tuple
 
 
 class _Refusals:
-    """Every refusal of one middleware, each with its RFC 6750 section 3 challenge, built once."""
+    """Every refusal of one middleware, each with its RFC 6750 section 3 challenge, built once.
+
+    Each status means one thing: 400 a request we cannot read, 401 no valid token, 403 a token
+    (or an Origin) that may not do this, 404 a session that is not yours, 413 a body over the
+    bound, 429 too many refused tokens, 500 our side failed, 503 the token cannot be checked now.
+    """
 
     def __init__(self, *, realm: str | None, scopes: Sequence[str], metadata_url: str | None) -> None:
         self._realm = realm
-        self._scope_text = " ".join(scopes)
+        self._scopes = tuple(scopes)
         self._metadata_url = metadata_url
         self.unauthorized = self._refusal(401, "unauthorized", "Authentication required")
         self.invalid_token = self._refusal(401, "invalid_token", "Token is invalid or expired")
@@ -1287,11 +1354,21 @@ class _Refusals:
         )
         # MCP Streamable HTTP: 404 for a session id is how a client learns to start a new session.
         self.session_not_found = self._refusal(404, "session_not_found", "Session not found", challenge=False)
+        # MCP transports: "If the Origin header is present and invalid, servers MUST respond with 403".
+        self.forbidden_origin = self._refusal(403, "invalid_origin", "Origin not allowed", challenge=False)
+        self.unreadable = self._refusal(
+            400, "invalid_request", "Request body is not a JSON-RPC message this server can read", challenge=False
+        )
+        self.too_large = self._refusal(413, "request_too_large", "Request body is too large", challenge=False)
+        self._insufficient: dict[tuple[str, ...], _Response] = {self._scopes: self.insufficient_scope}
 
-    def _refusal(self, status: int, error: str, description: str, *, challenge: bool = True) -> _Response:
+    def _refusal(
+        self, status: int, error: str, description: str, *, challenge: bool = True, scopes: Sequence[str] = ()
+    ) -> _Response:
+        scope_text = " ".join(scopes or self._scopes)
         body = {"error": error, "error_description": description}
-        if status == 403:
-            body["scope"] = self._scope_text
+        if error == "insufficient_scope":
+            body["scope"] = scope_text
         if not challenge:
             return _json_response(status, body)
         # RFC 6750 section 3.1: a request without credentials gets no error code.
@@ -1299,12 +1376,22 @@ class _Refusals:
         params = [
             ("realm", self._realm),
             ("error", code),
-            ("scope", self._scope_text or None),  # MCP 2025-11-25: tell the client which scopes to ask for
+            ("scope", scope_text or None),  # MCP 2025-11-25: tell the client which scopes to ask for
             ("error_description", code and description),
             ("resource_metadata", self._metadata_url),
         ]
         value = ", ".join(f"{name}={_quote(v)}" for name, v in params if v)
         return _json_response(status, body, ((b"www-authenticate", f"Bearer {value}".rstrip().encode()),))
+
+    def insufficient_for(self, scopes: tuple[str, ...]) -> _Response:
+        """403 naming every scope an operation needs in one challenge (MCP 2026-07-28, Scope Challenge
+        Handling), so that a client steps up once; built once per distinct set, in a bounded table."""
+        refusal = self._insufficient.get(scopes)
+        if refusal is None:
+            refusal = self._refusal(403, "insufficient_scope", "Insufficient scope for this operation", scopes=scopes)
+            if len(self._insufficient) < _MAX_NEEDS_KEPT:
+                self._insufficient[scopes] = refusal
+        return refusal
 
     def unavailable_for(self, seconds: int) -> _Response:
         status, headers, body, error = self.unavailable
@@ -1356,6 +1443,8 @@ class _SessionOwners:
         self, scope: Scope, send: Send, access: AccessToken, session_id: bytes | None
     ) -> tuple[_Response | None, Send, Callable[[], None] | None]:
         """A refusal, or the ``send`` that watches the response, and what to do once the app is done."""
+        if scope["type"] != "http":
+            return None, send, None
         method = scope.get("method")
         if self._message_paths and self._names_anothers_stream(scope, access):
             return self._not_found, send, None
@@ -1501,6 +1590,14 @@ def _sse_endpoint(stream: bytes) -> str | None:
     return None
 
 
+def _excluded_paths(paths: object) -> tuple[str, ...]:
+    excluded = _strings("exclude_paths", paths)
+    for path in excluded:
+        if not path.startswith("/"):
+            raise ValueError(f"exclude_paths entries must start with '/': {path!r}")
+    return excluded
+
+
 def _checked_url(name: str, value: object) -> str:
     url = _checked_text(name, value, header=True)
     parts = urlsplit(url)
@@ -1531,6 +1628,334 @@ def _resource_metadata(
     if resource_name is not None:
         document["resource_name"] = _checked_text("resource_name", resource_name, header=False)
     return metadata_url, paths, _json_response(200, document, ((b"cache-control", b"public, max-age=3600"),))
+
+
+# --- per-operation authorization: what a request asks the app to do, and what that needs ----
+
+DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024  # as the MCP SDK's own bound on a posted message
+_MAX_NEEDS_KEPT = 1024  # distinct (method, name) pairs, and distinct 403 challenges, remembered
+# MCP 2026-07-28 Streamable HTTP, Standard Headers: the params member mirrored in Mcp-Name.
+# Subscriptions name a resource too, so a rule for a URI pattern can cover them.
+_NAMED_BY = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    "resources/subscribe": "uri",
+    "resources/unsubscribe": "uri",
+}
+_BASE64_SENTINEL = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
+_ROUTING_HEADERS = (b"mcp-method", b"mcp-name", b"content-length")
+_ROUTING_NAME_SIZES = frozenset(len(name) for name in _ROUTING_HEADERS)
+_LOG_OPERATION_SCOPES_FAILED = "operation_scopes failed for %r; request refused with 500\n%s"
+
+
+class _Unreadable(Exception):
+    """A request body, or its routing headers, that we cannot read with certainty: refused, never guessed at."""
+
+
+def _operation_rules(rules: Mapping[Any, Any]) -> dict[str, list[tuple[re.Pattern[str] | None, tuple[str, ...]]]]:
+    """``operation_scopes`` as a mapping, compiled once: method -> [(name pattern or None for any, scopes)]."""
+    compiled: dict[str, list[tuple[re.Pattern[str] | None, tuple[str, ...]]]] = {}
+    for pattern, scopes in rules.items():
+        text = _checked_text("operation_scopes", pattern, header=False)
+        method, space, name = text.partition(" ")
+        if not method or (space and not name):
+            raise ValueError(
+                f'operation_scopes key {text!r} must be "METHOD" or "METHOD NAME-PATTERN", e.g. "tools/call delete_*"'
+            )
+        regex = re.compile(fnmatch.translate(name)) if name else None  # fnmatch.fnmatchcase, compiled
+        compiled.setdefault(method, []).append((regex, _scope_tokens(f"operation_scopes[{text!r}]", scopes)))
+    return compiled
+
+
+class _OperationGuard:
+    """The scopes each MCP operation needs, checked before the app runs (``operation_scopes``).
+
+    The operation is read from what the app will act on, the JSON-RPC body: every element of a
+    batch counts, and it is parsed as ``json.loads`` parses it, which accepts all the SDK's
+    parsers accept and reads it the same way (a duplicated key: the last one). A 2026-07-28 client
+    also names the operation in ``Mcp-Method`` and ``Mcp-Name``; those must agree with the body.
+    What cannot be read with certainty is refused (400), a body over ``max_body_size`` too (413),
+    and the app then gets the body as it came, message by message. Requests other than POST carry
+    no operation and need ``required_scopes`` only.
+    """
+
+    def __init__(
+        self,
+        rules: object,
+        *,
+        required: tuple[str, ...],
+        hierarchy: _ScopeHierarchy,
+        max_body_size: int,
+        refusals: _Refusals,
+    ) -> None:
+        self._required = required
+        self._hierarchy = hierarchy
+        self._max_body_size = max_body_size
+        self._refusals = refusals
+        self._decide: Callable[[Operation], Iterable[str]] | None = None
+        self._rules: dict[str, list[tuple[re.Pattern[str] | None, tuple[str, ...]]]] = {}
+        if isinstance(rules, Mapping):
+            self._rules = _operation_rules(rules)
+        elif callable(rules):
+            self._decide = rules
+        else:
+            raise TypeError(
+                "operation_scopes must be a mapping of operation pattern -> scopes, or a callable "
+                f"(operation) -> scopes, not {type(rules).__name__}"
+            )
+        self._needs: dict[tuple[str, str | None], tuple[str, ...]] = {}
+
+    async def admit(self, scope: Scope, receive: Receive, access: AccessToken) -> tuple[_Response | None, Receive]:
+        """A refusal, or the ``receive`` that hands the app the body this read."""
+        granted = self._hierarchy.effective(access.scopes)
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return self._verdict(self._required, granted), receive
+        routing = _routing_headers(scope["headers"])
+        read = await self._body(receive, routing[2])
+        if isinstance(read, _Response):
+            return read, receive
+        messages, body = read
+        try:
+            operations = _operations(body, routing[0], routing[1])
+        except _Unreadable:
+            return self._refusals.unreadable, receive
+        try:
+            needed = self._needed(operations)
+        except Exception as exc:  # a rule of the user's that fails is no reason to let the request through
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            logger.error(_LOG_OPERATION_SCOPES_FAILED, [operation.method for operation in operations], text)
+            return self._refusals.server_error, receive
+        return self._verdict(needed, granted), _replaying(messages, receive)
+
+    def _verdict(self, needed: tuple[str, ...], granted: frozenset[str]) -> _Response | None:
+        if all(scope in granted for scope in needed):
+            return None
+        return self._refusals.insufficient_for(needed)
+
+    async def _body(self, receive: Receive, declared: int | None) -> tuple[list[Message], bytes] | _Response:
+        """The whole body, bounded, and the messages it came in; the client leaving is a body we cannot read."""
+        if declared is not None and declared > self._max_body_size:
+            return self._refusals.too_large
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return self._refusals.unreadable  # http.disconnect: nobody is left to serve
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body_size:
+                return self._refusals.too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return messages, b"".join(chunks)
+
+    def _needed(self, operations: list[Operation]) -> tuple[str, ...]:
+        """``required_scopes`` and every scope any of the operations needs, in a stable order."""
+        needed = dict.fromkeys(self._required)
+        for operation in operations:
+            if self._decide is not None:
+                needed.update(dict.fromkeys(_scope_tokens("operation_scopes()", self._decide(operation))))
+            else:
+                needed.update(dict.fromkeys(self._by_rule(operation.method, operation.name)))
+        return tuple(needed)
+
+    def _by_rule(self, method: str, name: str | None) -> tuple[str, ...]:
+        """The union of the scopes of every pattern that matches, remembered per (method, name)."""
+        needs = self._needs.get((method, name))
+        if needs is None:
+            scopes: dict[str, None] = {}
+            for regex, rule_scopes in self._rules.get(method, ()):
+                if regex is None or (name is not None and regex.match(name)):
+                    scopes.update(dict.fromkeys(rule_scopes))
+            needs = tuple(scopes)
+            if len(self._needs) >= _MAX_NEEDS_KEPT:  # names are the client's: bounded, oldest forgotten
+                del self._needs[next(iter(self._needs))]
+            self._needs[(method, name)] = needs
+        return needs
+
+
+def _routing_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, str | None, int | None]:
+    """``Mcp-Method``, ``Mcp-Name`` (decoded) and the declared ``Content-Length`` of a POST.
+
+    A routing header sent twice, or an ``Mcp-Name`` sentinel the SDK's decoder would refuse, comes
+    back as ``_UNREADABLE_HEADER``, which ``_operations`` refuses: first-copy and last-copy readers
+    would disagree.
+    """
+    found: dict[bytes, bytes | None] = {}
+    for name, value in headers:
+        if len(name) in _ROUTING_NAME_SIZES:
+            name = name.lower()
+            if name in _ROUTING_HEADERS:
+                found[name] = None if name in found else value  # None: present twice
+    method, label, length = (found.get(name, b"") for name in _ROUTING_HEADERS)
+    declared = int(length) if length and length.isdigit() else None  # else the body is counted as it comes
+    return _routing_text(method), _header_name(label), declared
+
+
+_UNREADABLE_HEADER = "\x00unreadable"  # no JSON-RPC method or name can equal it: a NUL never survives a header
+
+
+def _routing_text(value: bytes | None) -> str | None:
+    if value is None:
+        return _UNREADABLE_HEADER
+    return value.decode("latin-1") if value else None
+
+
+def _header_name(value: bytes | None) -> str | None:
+    """``Mcp-Name`` as the SDK decodes it: verbatim, or the ``=?base64?...?=`` sentinel's canonical UTF-8."""
+    text = _routing_text(value)
+    match = _BASE64_SENTINEL.fullmatch(text) if text and text != _UNREADABLE_HEADER else None
+    if match is None:
+        return text
+    try:
+        decoded = base64.b64decode(match[1], validate=True)
+        if base64.b64encode(decoded).decode("ascii") != match[1]:
+            return _UNREADABLE_HEADER
+        return decoded.decode("utf-8")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return _UNREADABLE_HEADER
+
+
+def _operations(body: bytes, method_header: str | None, name_header: str | None) -> list[Operation]:
+    """Every operation a JSON-RPC body asks for; raises _Unreadable for anything we cannot read with certainty."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Unreadable from None
+    elements = document if isinstance(document, list) else [document]
+    operations = [operation for element in elements if (operation := _operation(element)) is not None]
+    if not elements or method_header == _UNREADABLE_HEADER or name_header == _UNREADABLE_HEADER:
+        raise _Unreadable
+    if method_header is not None:  # MCP 2026-07-28: one request, named in the headers as in the body
+        if len(elements) != 1 or len(operations) != 1 or operations[0].method != method_header:
+            raise _Unreadable
+        if name_header is not None and operations[0].method in _NAMED_BY and operations[0].name != name_header:
+            raise _Unreadable
+    return operations
+
+
+def _operation(element: object) -> Operation | None:
+    """One JSON-RPC message's operation; None for a response (it answers the server, and asks nothing)."""
+    if not isinstance(element, dict):
+        raise _Unreadable
+    method = element.get("method")
+    if method is None and ("result" in element or "error" in element):
+        return None
+    params = element.get("params", {})
+    if not isinstance(method, str) or not isinstance(params, dict):
+        raise _Unreadable
+    name = None
+    if method in _NAMED_BY:
+        name = params.get(_NAMED_BY[method])
+        if not isinstance(name, str):  # the SDK refuses it too; we never judge by a guess
+            raise _Unreadable
+    return Operation(method, name, params)
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    """The app's ``receive``: the body messages already read, as they came, then the server's own."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+# --- the caller, as the MCP SDK reads it --------------------------------------------
+
+
+class _SDKCaller:
+    """Hands the MCP SDK the caller where it looks: ``scope["user"]`` and its auth context variable.
+
+    Behind this middleware the SDK otherwise sees nobody, and its own protections (stateful
+    session owners, the principal a 2026-07-28 ``requestState`` is sealed to) are off. Its
+    AccessToken (a pydantic model) is built only when something reads it; its ``token`` is a
+    keyed digest, not the token, since its repr would show it.
+    """
+
+    def __init__(self) -> None:
+        bearer_auth = importlib.import_module("mcp.server.auth.middleware.bearer_auth")
+        self.context_var = importlib.import_module("mcp.server.auth.middleware.auth_context").auth_context_var
+        self.user = _sdk_user_type(bearer_auth.AuthenticatedUser, importlib.import_module("mcp.server.auth.provider"))
+
+    @staticmethod
+    def wanted() -> bool:
+        """Whether the app is likely an MCP SDK app: its server code is loaded (never imported here)."""
+        return "mcp.server.auth.middleware.bearer_auth" in sys.modules
+
+
+def _sdk_user_type(base: Any, provider: Any) -> Callable[[AccessToken], Any]:
+    class Caller(base):  # type: ignore[misc]
+        """The SDK's AuthenticatedUser for one request; its AccessToken is made on first read."""
+
+        def __init__(self, access: AccessToken) -> None:  # no super().__init__: nothing is built yet
+            self._access = access
+            self._built: Any = None
+
+        @property
+        def access_token(self) -> Any:
+            if self._built is None:
+                self._built = _sdk_access_token(provider.AccessToken, self._access)
+            return self._built
+
+        @property
+        def scopes(self) -> list[str]:
+            return list(self.access_token.scopes)
+
+        @property
+        def username(self) -> str:
+            return str(self.access_token.client_id)
+
+    return Caller
+
+
+def _sdk_access_token(model: Any, access: AccessToken) -> Any:
+    """Ours as the SDK's: client id from ``client_id``/``azp`` (else the principal), subject, scopes, expiry."""
+    claims = dict(access.claims) if isinstance(access.claims, Mapping) else {}
+    client_id = claims.get("client_id") or claims.get("azp")
+    if access.source is not None or not isinstance(client_id, str):  # API keys: never an IdP's client
+        client_id = _principal(access)
+    subject = claims.get("sub")
+    expires = access.expires_at
+    audience = claims.get("aud")
+    return model(
+        token=_keyed_digest(access.token),
+        client_id=client_id,
+        scopes=[s for s in access.scopes if isinstance(s, str)] if isinstance(access.scopes, list) else [],
+        expires_at=int(expires) if _is_number(expires) and math.isfinite(expires) else None,
+        resource=audience if isinstance(audience, str) else None,
+        subject=subject if isinstance(subject, str) else None,
+        claims=claims,
+    )
+
+
+def _origins(allowed: object) -> frozenset[str] | None:
+    """``allowed_origins``: serialized origins (RFC 6454 section 6.2, "scheme://host[:port]"), lower case."""
+    if allowed is None:
+        return None
+    origins = set()
+    for origin in _strings("allowed_origins", allowed):
+        parts = urlsplit(origin)
+        exact = parts.scheme in ("http", "https") and parts.netloc and "@" not in parts.netloc
+        if not exact or parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+            raise ValueError(f"allowed_origins entries must be origins like 'https://app.example.com', not {origin!r}")
+        origins.add(origin.lower())
+    return frozenset(origins)
+
+
+def _origin_allowed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[str]) -> bool:
+    """No Origin (a client that is not a browser) passes; every Origin present must be one listed."""
+    for name, value in headers:
+        if len(name) == 6 and name.lower() == b"origin" and value.decode("latin-1").lower() not in allowed:
+            return False
+    return True
 
 
 _P = ParamSpec("_P")
@@ -1591,6 +2016,9 @@ class BearerAuthMiddleware:
         exclude_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
         max_token_length: int = DEFAULT_MAX_TOKEN_LENGTH,
         required_scopes: Sequence[str] = (),
+        operation_scopes: Mapping[str, Iterable[str]] | Callable[[Operation], Iterable[str]] | None = None,
+        scope_implies: Mapping[str, Iterable[str]] | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         resource: str | None = None,
         authorization_servers: Sequence[str] = (),
         scopes_supported: Sequence[str] | None = None,
@@ -1599,6 +2027,8 @@ class BearerAuthMiddleware:
         bind_sessions: bool = True,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         allow_cors_preflight: bool = True,
+        allowed_origins: Iterable[str] | None = None,
+        sdk_identity: bool | None = None,
         audit: bool = False,
     ) -> None:
         if not callable(app):
@@ -1607,18 +2037,18 @@ class BearerAuthMiddleware:
         self._verify: Callable[[str], Awaitable[AccessToken | None]] = _verifier("provider", provider)
         self._max_token_length = _positive_int("max_token_length", max_token_length)
         max_sessions = _positive_int("max_sessions", max_sessions)
-        excluded = _strings("exclude_paths", exclude_paths)
-        for path in excluded:
-            if not path.startswith("/"):
-                raise ValueError(f"exclude_paths entries must start with '/': {path!r}")
+        max_body_size = _positive_int("max_body_size", max_body_size)
         scopes = _scope_tokens("required_scopes", required_scopes)
         advertised = scopes if scopes_supported is None else _scope_tokens("scopes_supported", scopes_supported)
-        self._required_scopes = frozenset(scopes)
+        self._hierarchy = _ScopeHierarchy(scope_implies)
         self._allow_cors_preflight = _flag("allow_cors_preflight", allow_cors_preflight)
+        self._origins = _origins(allowed_origins)
         self._audit = _flag("audit", audit)
+        wants_sdk = _SDKCaller.wanted() if sdk_identity is None else _flag("sdk_identity", sdk_identity)
+        self._sdk = _SDKCaller() if wants_sdk else None
 
         # Paths answered without a token: excluded ones go to the app; RFC 9728 metadata we serve.
-        self._open_paths: dict[str, _Response] = dict.fromkeys(excluded, _PASS)
+        self._open_paths: dict[str, _Response] = dict.fromkeys(_excluded_paths(exclude_paths), _PASS)
         metadata_url = None
         if resource is not None:
             metadata_url, paths, self._metadata = _resource_metadata(
@@ -1632,12 +2062,29 @@ class BearerAuthMiddleware:
             _checked_text("realm", realm, header=True)
         self._refusals = _Refusals(realm=realm, scopes=scopes, metadata_url=metadata_url)
         self._sessions = _SessionOwners(max_sessions, self._refusals.session_not_found) if bind_sessions else None
+        self._operations = None
+        if operation_scopes is not None:
+            self._operations = _OperationGuard(
+                operation_scopes,
+                required=scopes,
+                hierarchy=self._hierarchy,
+                max_body_size=max_body_size,
+                refusals=self._refusals,
+            )
+        # With per-operation rules, required_scopes join each operation's scopes in its one challenge.
+        self._required_scopes = frozenset() if self._operations else frozenset(scopes)
+        self._extras = self._audit or self._sdk is not None or scope_implies is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             return await self._other_scope(scope, receive, send)
-        maybe_public = scope["path"] in self._open_paths or scope.get("root_path") or scope.get("method") == "OPTIONS"
+        maybe_public = (
+            scope["path"] in self._open_paths
+            or scope.get("root_path")
+            or scope.get("method") == "OPTIONS"
+            or self._origins is not None
+        )
         if maybe_public and (public := self._public(scope)) is not None:
             return await self._answer_public(scope, receive, send, public)
 
@@ -1655,21 +2102,48 @@ class BearerAuthMiddleware:
             return await self._refuse(scope, send, refusal, access)
         assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
         ended = None
-        if self._sessions is not None and kind == "http":
+        if self._sessions is not None:
             refusal, send, ended = self._sessions.admit(scope, send, access, session_id)
-            if refusal is not None:
-                return await self._refuse(scope, send, refusal, access)
+        if refusal is None and self._operations is not None:
+            refusal, receive = await self._operations.admit(scope, receive, access)
+        if refusal is not None:
+            return await self._refuse(scope, send, refusal, access)
 
-        if self._audit:
-            self._audit_decision(scope, None, access)
         scope.setdefault("state", {})["access_token"] = access  # where Starlette's request.state finds it
+        after = self._enter(scope, access, ended) if self._extras else ended
         reset = _current_token.set(access)
         try:
             await self.app(scope, receive, send)
         finally:
             _current_token.reset(reset)
+            if after is not None:
+                after()
+
+    def _enter(self, scope: Scope, access: AccessToken, ended: Callable[[], None] | None) -> Callable[[], None] | None:
+        """The optional parts of handing the app its caller; returns what to undo once the app is done.
+
+        The audit record; the scope hierarchy, for ``require_scopes`` in tools; the caller as the MCP
+        SDK reads it (``scope["user"]`` and its auth context variable).
+        """
+        if self._audit:
+            self._audit_decision(scope, None, access)
+        undo: list[tuple[contextvars.ContextVar[Any], contextvars.Token[Any]]] = []
+        if self._hierarchy is not _NO_HIERARCHY:
+            scope["state"][_HIERARCHY_KEY] = self._hierarchy
+            undo.append((_current_hierarchy, _current_hierarchy.set(self._hierarchy)))
+        if self._sdk is not None:
+            scope["user"] = user = self._sdk.user(access)
+            undo.append((self._sdk.context_var, self._sdk.context_var.set(user)))
+        if not undo:
+            return ended
+
+        def after() -> None:
+            for variable, token in reversed(undo):
+                variable.reset(token)
             if ended is not None:
                 ended()
+
+        return after
 
     async def _answer_public(self, scope: Scope, receive: Receive, send: Send, public: _Response) -> None:
         if public is _PASS:
@@ -1689,6 +2163,8 @@ class BearerAuthMiddleware:
 
         Excluded paths and RFC 9728 metadata match exactly, after ``root_path``.
         """
+        if self._origins is not None and not _origin_allowed(scope["headers"], self._origins):
+            return self._refusals.forbidden_origin  # before any token is looked at, preflights included
         method = scope.get("method")
         answer = self._open_paths.get(_relative_path(scope))
         if answer is _PASS or (answer is not None and method == "GET"):
@@ -1760,8 +2236,7 @@ class BearerAuthMiddleware:
         # "not >" rather than "<=": an expires_at of NaN (json accepts it) counts as expired.
         if access.expires_at is not None and not access.expires_at > time.time():
             return self._refusals.invalid_token
-        granted = access.scopes
-        if self._required_scopes and (isinstance(granted, str) or not self._required_scopes.issubset(granted)):
+        if self._required_scopes and not self._required_scopes.issubset(self._hierarchy.effective(access.scopes)):
             return self._refusals.insufficient_scope
         return None
 
