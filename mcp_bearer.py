@@ -93,6 +93,8 @@ __all__ = [
     "Operation",
     "ProviderChain",
     "ProviderUnavailable",
+    "RedisStore",
+    "RevocationCheck",
     "StaticTokenProvider",
     "get_access_token",
     "main",
@@ -345,6 +347,7 @@ def _verifier(name: str, provider: object) -> Callable[[str], Awaitable[AccessTo
     return verify
 
 
+_REVOKED = "revoked (the deny list names its jti or its subject)"
 _API_KEYS = "mcp_bearer:api-key"  # the source of every API key's claims: never an IdP's issuer
 _UNNAMED_SOURCE = "mcp_bearer:provider"  # claims with neither a source nor an "iss"
 
@@ -1271,6 +1274,9 @@ class CachedProvider(BearerAuthProvider):
       a verdict, or the exception (a verdict that cannot be kept is one) the first caller got.
     - Exceptions (:class:`ProviderUnavailable` included: "cannot tell yet") are never kept.
     - At most ``max_entries``, oldest first. ``invalidate(token)`` forgets one (revocation), ``clear()`` all.
+    - With a :class:`RedisStore`, verdicts are shared by every replica (this cache in front), and
+      ``invalidate``/``clear`` reach them all within a second; every verdict, fresh or cached, is
+      checked against the store's deny list. Concurrent first requests cost one call per replica.
     """
 
     def __init__(
@@ -1281,8 +1287,13 @@ class CachedProvider(BearerAuthProvider):
         negative_ttl: float = 0.0,
         max_entries: int = 10_000,
         max_negative_entries: int | None = None,
+        store: RedisStore | None = None,
     ) -> None:
         self._verify = _verifier("provider", provider)
+        if store is not None and not isinstance(store, RedisStore):
+            raise TypeError(f"store must be a RedisStore or None, not {type(store).__name__}")
+        self._store = store
+        self._applied = 0  # the store's events (other replicas' invalidations) applied here
         self._ttl = _seconds("ttl", ttl)
         self._negative_ttl = _seconds("negative_ttl", negative_ttl, zero=True)
         self._max_entries = _positive_int("max_entries", max_entries)
@@ -1301,12 +1312,16 @@ class CachedProvider(BearerAuthProvider):
         return f"CachedProvider({entries} entries, ttl={self._ttl}, negative_ttl={self._negative_ttl})"
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        store = self._store
+        if store is not None and store.version != self._applied:
+            self._apply(store)
         key = _digest(token)
         entry = self._entries.get(key)
         if entry is not None:
             deadline, (claims, scopes, expires_at, source) = entry
             if time.monotonic() < deadline:
-                return AccessToken(token, claims.copy(), list(scopes), expires_at, source)
+                access = AccessToken(token, claims.copy(), list(scopes), expires_at, source)
+                return access if store is None or not store.revokes(access) else _refused(_REVOKED)
             del self._entries[key]
         if self._refused:
             refused_until = self._refused.get(key)
@@ -1324,9 +1339,14 @@ class CachedProvider(BearerAuthProvider):
         flight = self._flights[key] = concurrent.futures.Future()
         generation = self._generation
         try:
-            access = await self._verify(token)
+            if self._store is None:
+                access, left = await self._verify(token), math.inf
+            else:
+                access, left = await self._shared_verdict(key, token)
             if generation == self._generation:
-                self._keep(key, access)
+                self._keep(key, access, left)
+            if self._store is not None and isinstance(access, AccessToken) and await self._store.check(access):
+                access = _refused(_REVOKED)
             shared = _own_access(token, access)  # a snapshot: this request's app may change its own
         except Exception as exc:  # shared with the requests waiting on this flight, never kept
             flight.set_exception(exc)
@@ -1339,20 +1359,73 @@ class CachedProvider(BearerAuthProvider):
         flight.set_result(shared)
         return access
 
-    def _keep(self, key: bytes, access: AccessToken | None) -> None:
+    async def _shared_verdict(self, key: bytes, token: str) -> tuple[AccessToken | None, float]:
+        """Another replica's verdict from the store (and the seconds it has left), else the provider's, then
+        shared. Redis down: the provider's, kept here only."""
+        assert self._store is not None
+        kept = await self._store.verdict(key)
+        if kept is not None:
+            left, record = kept
+            if record is None:
+                return _refused("refused on another replica (a shared negative verdict)"), left
+            claims, scopes, expires_at, source = (record.get(k) for k in ("claims", "scopes", "expires_at", "source"))
+            if isinstance(claims, dict) and isinstance(scopes, list) and (expires_at is None or _is_number(expires_at)):
+                return AccessToken(token, claims, scopes, expires_at, source if isinstance(source, str) else None), left
+        access = await self._verify(token)
+        ttl = self._ttl_for(access)
+        if ttl > 0:
+            record = (
+                None
+                if access is None
+                else {
+                    "claims": access.claims,
+                    "scopes": access.scopes,
+                    "expires_at": access.expires_at,
+                    "source": access.source,
+                }
+            )
+            await self._store.keep(key, record, ttl)
+        return access, math.inf
+
+    def _ttl_for(self, access: object) -> float:
+        """How long a verdict may be kept: ttl, negative_ttl for "no", never past the token's own expiry."""
+        if access is None:
+            return self._negative_ttl
+        if not isinstance(access, AccessToken):
+            return 0.0
+        if access.expires_at is None:
+            return self._ttl
+        left = access.expires_at - time.time()  # NaN counts as expired
+        return min(self._ttl, left) if left > 0 else 0.0
+
+    def _apply(self, store: RedisStore) -> None:
+        """Other replicas' invalidations and clears, as the store's reader saw them."""
+        events = list(store.events)  # one C-level copy: the reader thread may append meanwhile
+        if not events or events[0][0] > self._applied + 1:  # missed some: forget everything, the safe side
+            self._entries.clear()
+            self._refused.clear()
+        for version, digest in events:
+            if version > self._applied and digest is None:
+                self._entries.clear()
+                self._refused.clear()
+            elif version > self._applied and digest is not None:
+                self._entries.pop(digest, None)
+                self._refused.pop(digest, None)
+        self._applied = events[-1][0] if events else store.version
+        self._generation += 1  # a verdict being fetched now may predate them: not kept
+
+    def _keep(self, key: bytes, access: AccessToken | None, left: float) -> None:
+        """Remember a verdict here, for its TTL, and at most the ``left`` seconds a shared one still has."""
         now = time.monotonic()
         if access is None:
             if self._negative_ttl > 0:
-                self._refused[key] = now + self._negative_ttl
+                self._refused[key] = now + min(self._negative_ttl, left)
                 if len(self._refused) > self._max_refused:
                     del self._refused[next(iter(self._refused))]
             return
         if not isinstance(access, AccessToken):
             return  # not a verdict: the middleware answers it with 500
-        ttl = self._ttl
-        if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
-            left = access.expires_at - time.time()
-            ttl = min(ttl, left) if left > 0 else 0
+        ttl = min(self._ttl_for(access), left)
         verdict = _Verdict(_Claims(access.claims), tuple(access.scopes), access.expires_at, access.source)
         if ttl > 0:
             self._entries[key] = (now + ttl, verdict)
@@ -1360,16 +1433,23 @@ class CachedProvider(BearerAuthProvider):
                 del self._entries[next(iter(self._entries))]
 
     def invalidate(self, token: str) -> None:
-        """Forget one token's verdict (say, it was revoked); a verdict being fetched now is not kept either."""
+        """Forget one token's verdict (say, it was revoked); a verdict being fetched now is not kept either.
+
+        With a store, every replica forgets it within a second.
+        """
         key = _digest(token)
         self._entries.pop(key, None)
         self._refused.pop(key, None)
         self._generation += 1
+        if self._store is not None:
+            self._store.invalidate(key)
 
     def clear(self) -> None:
         self._entries.clear()
         self._refused.clear()
         self._generation += 1
+        if self._store is not None:
+            self._store.invalidate(None)
 
 
 def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
@@ -1401,6 +1481,308 @@ class ProviderChain(BearerAuthProvider):
                     access.source = f"{_UNNAMED_SOURCE}#{position}"
                 return access
         return None
+
+
+# --- many replicas, one truth: verdicts, revocations and failure counts in Redis -------------
+
+_LOG_STORE_DOWN = "Redis store %s unreachable (%s): verdicts are asked of the provider; the deny list %s"
+_LOG_STORE_UP = "Redis store %s reachable again"
+_STORE_POLL_SECONDS = 0.5  # how often each replica reads the deny list, invalidations and throttled addresses
+_DENY_LIST_STALE_SECONDS = 2.0  # an older copy cannot tell a revoked token from a good one
+_MAX_STORE_EVENTS = 1024  # invalidations remembered for caches that have not yet applied them
+
+
+def _import_redis() -> Any:
+    """The redis client, imported when a RedisStore is built, never at module import."""
+    try:
+        return importlib.import_module("redis")
+    except ImportError:
+        raise ImportError("RedisStore needs the redis client: pip install redis") from None
+
+
+class RedisStore:
+    """State shared by every replica, in Redis: verdicts (:class:`CachedProvider`), a deny list (revoked
+    ``jti`` values and subjects) and the throttle's failure counts (``BearerAuthMiddleware(store=...)``).
+
+    The one place that talks to Redis, through the ``redis`` client. Every call runs in a worker
+    thread, bounded by ``timeout``, so no event loop (asyncio or trio) ever waits on the network. A
+    background thread reads what changed every half second and keeps a local copy, so checking a
+    verdict against the deny list costs no round trip. Keys are SHA-256 digests: no token is ever
+    written. The URL may hold a password: it is never logged nor part of ``repr``.
+
+    When Redis cannot be reached, verdicts are asked of the provider (slower, never wrong), failure
+    counts stay per replica, and the deny list fails closed (503 with Retry-After) unless
+    ``use_last_deny_list`` lets the last copy decide; one WARNING per outage, recovery on its own.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mcp_bearer:",
+        timeout: float = 0.5,
+        max_token_lifetime: float = 86400.0,
+        use_last_deny_list: bool = False,
+    ) -> None:
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "url must be a redis://, rediss:// or unix:// URL"
+            )  # never the URL: it may hold a password
+        parts = urlsplit(url)
+        self._where = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        self._prefix = _checked_text("prefix", prefix, header=True)
+        self._timeout = _seconds("timeout", timeout)
+        self._max_lifetime = _seconds("max_token_lifetime", max_token_lifetime)
+        self._use_last = _flag("use_last_deny_list", use_last_deny_list)
+        redis = _import_redis()
+        retry = importlib.import_module("redis.retry").Retry(importlib.import_module("redis.backoff").NoBackoff(), 0)
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, retry=retry
+        )
+        self._jtis: dict[str, float] = {}  # revoked jti -> until (Unix seconds)
+        self._subjects: dict[tuple[str, str], float] = {}  # (issuer, subject) -> tokens issued before are revoked
+        self.throttled: dict[str, float] = {}  # address digest -> throttled until (Unix seconds)
+        self._deny_version: bytes | None = b"unread"
+        self._since = time.time()  # invalidations read up to here
+        self.generation: bytes = b"0"  # of shared verdicts: clear() moves every replica to a new one
+        self.events: collections.deque[tuple[int, bytes | None]] = collections.deque(maxlen=_MAX_STORE_EVENTS)
+        self.version = 0  # counts events: caches compare it with what they applied, per request, for free
+        self._synced_at = -math.inf
+        self._down = False
+        self._lock = threading.Lock()
+        self._poller: threading.Thread | None = None
+        self._first_poll: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stop = threading.Event()
+
+    def __repr__(self) -> str:  # never the URL's password
+        return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
+
+    def close(self) -> None:
+        """Stop the background reader (for tests and shutdown); the store is not used after this."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(self._timeout * 4 + _STORE_POLL_SECONDS)
+
+    # -- the deny list -----------------------------------------------------------------
+
+    def revoke_jti(self, jti: str, *, until: float) -> None:
+        """Refuse the token with this ``jti`` everywhere, until ``until`` (its ``exp``, Unix seconds)."""
+        self._change_deny(f"jti:{_checked_text('jti', jti, header=False)}", {"until": _seconds("until", until)})
+
+    def revoke_subject(self, issuer: str, subject: str, *, before: float | None = None) -> None:
+        """Sign a user out everywhere: tokens of (issuer, subject) issued before ``before`` (default: now).
+
+        API keys have no issuer of their own: their issuer is ``mcp_bearer:api-key``. Kept until such
+        tokens would have expired anyway (``max_token_lifetime`` after ``before``).
+        """
+        moment = time.time() if before is None else _seconds("before", before)
+        name = "sub:" + json.dumps(
+            [_checked_text("issuer", issuer, header=False), _checked_text("subject", subject, header=False)]
+        )
+        self._change_deny(name, {"before": moment, "until": moment + self._max_lifetime})
+
+    def _change_deny(self, name: str, entry: dict[str, float]) -> None:
+        """A change to the shared deny list; raises OSError where Redis cannot take it (the operator must know)."""
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(self._key("deny"), name, json.dumps(entry))
+            pipe.incr(self._key("deny-version"))
+            pipe.execute()
+        except self._errors() as exc:
+            raise OSError(f"the revocation could not be written to {self._where}: {type(exc).__name__}") from None
+
+    async def check(self, access: AccessToken) -> bool:
+        """Whether the deny list revokes this verdict; ProviderUnavailable when no recent copy can tell."""
+        if self._poller is None or not self._first_poll.done():
+            self._start()
+            with contextlib.suppress(TimeoutError):
+                await _result(self._first_poll, self._timeout * 2)
+        return self.revokes(access)
+
+    def revokes(self, access: AccessToken) -> bool:
+        if time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS and not self._use_last:
+            raise ProviderUnavailable("the deny list cannot be read from Redis", retry_after=_DENY_LIST_STALE_SECONDS)
+        if not self._jtis and not self._subjects:
+            return False
+        claims = access.claims if isinstance(access.claims, Mapping) else {}
+        jti, subject, issued = claims.get("jti"), claims.get("sub"), claims.get("iat")
+        if isinstance(jti, str) and jti in self._jtis:
+            return True
+        issuer = access.source or _claimed_issuer(access) or _UNNAMED_SOURCE
+        before = self._subjects.get((issuer, subject)) if isinstance(subject, str) else None
+        return before is not None and not (_is_number(issued) and issued >= before)
+
+    # -- shared verdicts (CachedProvider) ----------------------------------------------
+
+    async def verdict(self, digest: bytes) -> tuple[float, dict[str, Any] | None] | None:
+        """A verdict another replica kept: (seconds left, its record, or None for "no"); None if there is none."""
+        key = self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
+        answer = await self._call(lambda: self._client.pipeline(transaction=False).get(key).pttl(key).execute())
+        if not answer or answer[0] is None or answer[1] is None or answer[1] <= 0:
+            return None
+        try:
+            record = json.loads(answer[0])
+        except (ValueError, RecursionError):
+            return None
+        return answer[1] / 1000, record if isinstance(record, dict) else None
+
+    async def keep(self, digest: bytes, record: dict[str, Any] | None, ttl: float) -> None:
+        """Share a verdict (None: a "no") for ``ttl`` seconds; claims that are not JSON stay local."""
+        try:
+            value = json.dumps(record if record is not None else "no", allow_nan=False)
+        except (TypeError, ValueError):
+            return
+        key = self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
+        await self._call(lambda: self._client.set(key, value, px=max(1, int(ttl * 1000))))
+
+    def invalidate(self, digest: bytes | None) -> None:
+        """Forget a verdict on every replica (None: all of them), within a second; written in a worker thread."""
+        _worker_pool().submit(self._guarded, self._invalidate, digest)
+
+    def _invalidate(self, digest: bytes | None) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        if digest is None:
+            pipe.incr(self._key("generation"))
+        else:
+            pipe.delete(self._key(f"verdict:{self.generation.decode()}:{digest.hex()}"))
+            now = time.time()
+            pipe.zadd(self._key("invalidated"), {digest.hex(): now})
+            pipe.zremrangebyscore(self._key("invalidated"), 0, now - 60)
+        pipe.execute()
+
+    # -- the throttle's failure counts -------------------------------------------------
+
+    def count_failure(self, address: str, window: float, max_failures: int) -> None:
+        """Count a refused token of this address on every replica; past the budget, throttle it everywhere."""
+        self._start()
+        _worker_pool().submit(self._guarded, self._count_failure, address, window, max_failures)
+
+    def _count_failure(self, address: str, window: float, max_failures: int) -> None:
+        name = hashlib.sha256(address.encode()).hexdigest()[:32]  # an address is the client's; never a key as is
+        key, now = self._key(f"failures:{name}"), time.time()
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zadd(key, {secrets.token_hex(8): now})
+        pipe.zremrangebyscore(key, 0, now - window)
+        pipe.zrange(key, 0, 0, withscores=True)
+        pipe.zcard(key)
+        pipe.pexpire(key, int(window * 1000) + 1000)
+        _, _, oldest, count, _ = pipe.execute()
+        if count >= max_failures and oldest:
+            until = oldest[0][1] + window
+            self.throttled[name] = until
+            self._client.hset(self._key("throttled"), name, until)
+
+    def throttled_until(self, address: str) -> float:
+        """When a throttle decided on another replica ends for this address (Unix seconds); 0 for none."""
+        if not self.throttled:
+            return 0.0
+        return self.throttled.get(hashlib.sha256(address.encode()).hexdigest()[:32], 0.0)
+
+    # -- the background reader ---------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._poller is None:
+                self._poller = threading.Thread(target=self._run, name="mcp_bearer-redis", daemon=True)
+                self._poller.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._guarded(self._poll)
+            if not self._first_poll.done():
+                self._first_poll.set_result(None)
+            self._stop.wait(_STORE_POLL_SECONDS)
+
+    def _poll(self) -> None:
+        """One read of what changed: the deny list (when its version moved), invalidations, throttled addresses."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.mget(self._key("deny-version"), self._key("generation"))
+        pipe.zrangebyscore(self._key("invalidated"), self._since, "+inf", withscores=True)
+        pipe.hgetall(self._key("throttled"))
+        (deny_version, generation), invalidated, throttled = pipe.execute()
+        if deny_version != self._deny_version:
+            self._install_deny(self._client.hgetall(self._key("deny")))
+            self._deny_version = deny_version
+        now = time.time()
+        self.throttled = {name.decode(): float(until) for name, until in throttled.items() if float(until) > now}
+        generation = generation or b"0"
+        if generation != self.generation:
+            self.generation = generation
+            self._event(None)
+        for member, score in invalidated:
+            self._event(bytes.fromhex(member.decode()))
+            self._since = max(self._since, score)
+        self._synced_at = time.monotonic()
+        if self._down:
+            self._down = False
+            logger.info(_LOG_STORE_UP, self._where)
+
+    def _install_deny(self, entries: Mapping[bytes, bytes]) -> None:
+        now = time.time()
+        jtis: dict[str, float] = {}
+        subjects: dict[tuple[str, str], float] = {}
+        for name_bytes, value in entries.items():
+            entry = json.loads(value)
+            if entry["until"] <= now:
+                continue  # the tokens it covers have expired anyway
+            name = name_bytes.decode()
+            if name.startswith("jti:"):
+                jtis[name[4:]] = entry["until"]
+            else:
+                issuer, subject = json.loads(name[4:])
+                subjects[(issuer, subject)] = entry["before"]
+        self._jtis, self._subjects = jtis, subjects
+
+    def _event(self, digest: bytes | None) -> None:
+        self.events.append((self.version + 1, digest))
+        self.version += 1
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return self._prefix + name
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (importlib.import_module("redis.exceptions").RedisError, OSError, ValueError, KeyError, TypeError)
+
+    def _guarded(self, call: Callable[..., None], *args: Any) -> None:
+        """In a worker thread: a call whose failure is an outage (logged once), never an exception."""
+        try:
+            call(*args)
+        except self._errors() as exc:
+            if not self._down:
+                self._down = True
+                fallback = "uses its last copy" if self._use_last else "refuses with 503 until it is read again"
+                logger.warning(_LOG_STORE_DOWN, self._where, type(exc).__name__, fallback)
+
+    async def _call(self, call: Callable[[], Any]) -> Any:
+        """One bounded call in a worker thread; None where Redis does not answer in time."""
+        future = _worker_pool().submit(self._answer, call)
+        try:
+            return await _result(future, self._timeout * 2)
+        except TimeoutError:
+            return None
+
+    def _answer(self, call: Callable[[], Any]) -> Any:
+        result: list[Any] = []
+        self._guarded(lambda: result.append(call()))
+        return result[0] if result else None
+
+
+class RevocationCheck(BearerAuthProvider):
+    """A provider's verdicts, checked against a :class:`RedisStore`'s deny list (for a provider with no cache)."""
+
+    def __init__(self, provider: BearerAuthProvider, store: RedisStore) -> None:
+        self._verify = _verifier("provider", provider)
+        if not isinstance(store, RedisStore):
+            raise TypeError(f"store must be a RedisStore, not {type(store).__name__}")
+        self._store = store
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        access = await self._verify(token)
+        if isinstance(access, AccessToken) and await self._store.check(access):
+            return _refused(_REVOKED)
+        return access
 
 
 # --- context helpers ----------------------------------------------------------
@@ -1643,19 +2025,21 @@ class _Throttle:
     forwarded header (uvicorn: ``--proxy-headers --forwarded-allow-ips``). Bounded: oldest forgotten.
     """
 
-    def __init__(self, max_failures: int, window: float, refusals: _Refusals) -> None:
+    def __init__(self, max_failures: int, window: float, refusals: _Refusals, store: RedisStore | None) -> None:
         self._max_failures = max_failures
         self._window = window
+        self._store = store
         self._too_many = refusals.too_many
         self._failures: dict[str, collections.deque[float]] = {}  # address -> times of its latest refusals
         self._accepted: dict[bytes, float] = {}  # token digest -> when last accepted
 
     def refusal(self, scope: Scope, token: str) -> _Response | None:
-        times = self._failures.get(_address(scope))
-        if times is None or len(times) < self._max_failures:
-            return None
+        address = _address(scope)
+        times = self._failures.get(address)
         now = time.monotonic()
-        wait = times[0] + self._window - now
+        wait = times[0] + self._window - now if times is not None and len(times) == self._max_failures else 0.0
+        if self._store is not None:  # the budget of every replica together, as the store's reader last saw it
+            wait = max(wait, self._store.throttled_until(address) - time.time())
         accepted = self._accepted.get(_digest(token))
         if wait <= 0 or (accepted is not None and now - accepted < self._window):
             return None
@@ -1663,6 +2047,8 @@ class _Throttle:
 
     def failed(self, scope: Scope) -> None:
         address = _address(scope)
+        if self._store is not None:
+            self._store.count_failure(address, self._window, self._max_failures)
         times = self._failures.pop(address, None) or collections.deque(maxlen=self._max_failures)
         times.append(time.monotonic())
         self._failures[address] = times  # re-inserted: the least recently refused address goes first
@@ -2320,6 +2706,7 @@ class BearerAuthMiddleware:
         sdk_identity: bool | None = None,
         max_failures: int | None = None,
         failure_window: float = 60.0,
+        store: RedisStore | None = None,
         audit: bool = False,
     ) -> None:
         if not callable(app):
@@ -2366,9 +2753,12 @@ class BearerAuthMiddleware:
         # With per-operation rules, required_scopes join each operation's scopes in its one challenge.
         self._required_scopes = frozenset() if self._operations else frozenset(scopes)
         window = _seconds("failure_window", failure_window)
+        if store is not None and not isinstance(store, RedisStore):
+            raise TypeError(f"store must be a RedisStore or None, not {type(store).__name__}")
         self._throttle = None
         if max_failures is not None:
-            self._throttle = _Throttle(_positive_int("max_failures", max_failures), window, self._refusals)
+            failures = _positive_int("max_failures", max_failures)
+            self._throttle = _Throttle(failures, window, self._refusals, store)
         self._extras = self._audit or self._sdk is not None or scope_implies is not None or self._throttle is not None
         self._watched_name_sizes = _WATCHED_NAME_SIZES | (_ROUTING_NAME_SIZES if self._operations else frozenset())
 
@@ -2610,6 +3000,7 @@ class BearerAuthMiddleware:
 
 # Never an option: a secret on the command line shows in `ps` and in shell history.
 _SECRET_VARIABLE = "MCP_BEARER_CLIENT_SECRET"  # noqa: S105 - the variable's name, not a secret
+_REDIS_VARIABLE = "MCP_BEARER_REDIS_URL"  # a Redis URL may hold a password: the environment, beside --redis-url
 # Errors from the classes name their parameters; on the command line, the flag the user typed.
 _FLAGS = {
     "jwks_url": "--jwks-url",
@@ -2629,6 +3020,8 @@ _FLAGS = {
     "authorization_servers": "--authorization-server",
     "allowed_origins": "--allowed-origin",
     "max_failures": "--max-failures",
+    "until": "--until",
+    "before": "--before",
 }
 _FLAG_NAMES = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
 _DURATION = re.compile(r"([1-9][0-9]*)([smhd]?)")
@@ -2863,6 +3256,7 @@ def _parser() -> argparse.ArgumentParser:
     option("--max-failures", type=int, metavar="N", help="429 for an address after N refused tokens a minute")
     option("--allowed-origin", action="append", metavar="ORIGIN", help="browser origin allowed, repeatable (else any)")
     option("--allowed-host", action="append", default=[], metavar="HOST", help="Host the MCP SDK's guard accepts")
+    option("--redis-url", metavar="URL", help=f"share verdicts, revocations, failure counts (or ${_REDIS_VARIABLE})")
     option("--audit", action="store_true", help="log one line per decision to stderr (mcp_bearer.audit)")
     option("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     option("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -2898,6 +3292,7 @@ def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> Bear
             authorization_servers=args.authorization_server,
             allowed_origins=args.allowed_origin,
             max_failures=args.max_failures,
+            store=args.store,
             audit=args.audit,
         )
     except (TypeError, ValueError) as exc:
@@ -2912,7 +3307,11 @@ def _described(provider: object) -> list[str]:
         return [line for verify in provider._verifiers for line in _described(getattr(verify, "__self__", None))]
     if isinstance(provider, CachedProvider):
         inner = _described(getattr(provider._verify, "__self__", None))
-        return [f"{line} (verdicts cached {provider._ttl:g} s)" for line in inner]
+        shared = f", shared through {provider._store!r}" if provider._store else ""
+        return [f"{line} (verdicts cached {provider._ttl:g} s{shared})" for line in inner]
+    if isinstance(provider, RevocationCheck):
+        inner = _described(getattr(provider._verify, "__self__", None))
+        return [f"{line} (checked against the deny list in {provider._store!r})" for line in inner]
     if isinstance(provider, StaticTokenProvider):
         where = f" from {provider._file.path} (re-read when it changes)" if provider._file else ""
         return [f"{len(provider._by_digest)} API keys{where}"]
@@ -2948,15 +3347,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["keys"]:
         return _keys_main(arguments[1:])
+    if arguments[:1] == ["revoke"]:
+        return _revoke_main(arguments[1:])
     args = _parser().parse_args(arguments)
     generated = None
     try:
+        args.store = _cli_store(args.redis_url)
         provider = _cli_provider(args)
         if provider is None:
             tokens, generated = _demo_tokens()
             provider = StaticTokenProvider(tokens)
         if args.cache_ttl is not None:
-            provider = CachedProvider(provider, ttl=args.cache_ttl)
+            provider = CachedProvider(provider, ttl=args.cache_ttl, store=args.store)
+        elif args.store is not None:
+            provider = RevocationCheck(provider, args.store)
     except (TypeError, ValueError) as exc:
         _flagged(exc)
     except ImportError as exc:
@@ -2986,6 +3390,50 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Bearer token: {generated}\nClient configuration:\n{json.dumps(config, indent=2)}", flush=True)
     print(_banner(url, provider, guarded, args), flush=True)
     uvicorn.Server(uvicorn.Config(guarded, log_level="warning")).run(sockets=[listener])
+
+
+def _cli_store(flag: str | None) -> RedisStore | None:
+    url = flag or os.environ.get(_REDIS_VARIABLE) or None
+    if url is None:
+        return None
+    try:
+        return RedisStore(url)
+    except ValueError as exc:
+        _fail(f"--redis-url / ${_REDIS_VARIABLE}: {exc}")
+
+
+def _revoke_main(argv: list[str]) -> None:
+    """``revoke --jti ID --until EXP`` or ``revoke --subject ISS SUB``: written to the shared deny list."""
+    parser = _ArgumentParser(
+        prog=f"{_prog()} revoke",
+        description="Refuse a token (by its jti) or a user's tokens (by issuer and subject) on every replica. "
+        "API keys' issuer is mcp_bearer:api-key.",
+    )
+    parser.add_argument("--jti", metavar="ID", help="the token's jti claim")
+    parser.add_argument("--until", type=float, metavar="EXP", help="with --jti: the token's exp (Unix seconds)")
+    parser.add_argument("--subject", nargs=2, metavar=("ISS", "SUB"), help="sign this user out everywhere")
+    parser.add_argument(
+        "--before", type=float, metavar="T", help="with --subject: tokens issued before T (default now)"
+    )
+    parser.add_argument("--redis-url", metavar="URL", help=f"the replicas' store (or ${_REDIS_VARIABLE})")
+    args = parser.parse_args(argv)
+    if (args.jti is None) == (args.subject is None):
+        _fail("give one of --jti ID --until EXP and --subject ISS SUB")
+    if args.jti is not None and args.until is None:
+        _fail("--jti needs --until: the token's exp, after which the entry is dropped")
+    store = _cli_store(args.redis_url)
+    if store is None:
+        _fail(f"revoke needs --redis-url or ${_REDIS_VARIABLE}: the store the replicas share")
+    try:
+        if args.jti is not None:
+            store.revoke_jti(args.jti, until=args.until)
+        else:
+            store.revoke_subject(*args.subject, before=args.before)
+    except (TypeError, ValueError) as exc:
+        _fail(_FLAG_NAMES.sub(lambda match: _FLAGS[match[1]], str(exc)))
+    except OSError as exc:
+        _fail(str(exc))
+    print("revoked: every replica refuses it within 2 seconds")
 
 
 # --- the command line: API keys --------------------------------------------------
