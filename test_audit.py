@@ -74,6 +74,7 @@ def short_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
+@pytest.mark.slow
 def test_e2e_audit_trail_of_a_mixed_run() -> None:
     """One INFO record per decision, for people and for JSON formatters alike; never a token."""
     reached: list[str] = []  # the client address of every request the app was given

@@ -360,6 +360,7 @@ def test_cache_refuses_a_bad_configuration(
 # --- end to end: cached introspection under a real server -------------------------------
 
 
+@pytest.mark.slow
 def test_e2e_cached_introspection_asks_once_for_20_concurrent_requests_and_forgets_a_revoked_token(
     introspection: IntrospectionEndpoint,
 ) -> None:

@@ -101,6 +101,7 @@ def run_cli(
 # --- the demo server --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_cli_demo_prints_one_token_and_serves_whoami_with_it() -> None:
     with cli_server(env={"MCP_BEARER_TOKENS": ""}) as (base, lines):
@@ -115,6 +116,7 @@ async def test_cli_demo_prints_one_token_and_serves_whoami_with_it() -> None:
             assert await call_json(session, "whoami") == {"sub": "demo-user"}
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_cli_demo_takes_tokens_from_the_environment() -> None:
     with cli_server(env={"MCP_BEARER_TOKENS": f"{BOB}, {ALICE_1}"}) as (base, lines):
@@ -127,6 +129,7 @@ async def test_cli_demo_takes_tokens_from_the_environment() -> None:
 # --- serving the user's own app: one mcp_bearer module for the server and its tools -----
 
 
+@pytest.mark.slow
 def test_cli_serves_any_asgi_app_with_every_option(tmp_path: Path) -> None:
     (tmp_path / "plain_app.py").write_text(
         "async def app(scope, receive, send):\n"
@@ -192,6 +195,7 @@ ENTRY_POINTS = pytest.mark.parametrize(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 @ENTRY_POINTS
 async def test_cli_tools_of_a_user_module_see_their_own_caller(command: tuple[str, ...], tmp_path: Path) -> None:
@@ -236,6 +240,7 @@ def busy_port() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -273,6 +278,7 @@ def test_cli_bad_input_is_one_stderr_line_and_exit_2(
     assert BOB not in result.stderr and BOB not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "prog"),
     [(PYTHON_M, "python -m mcp_bearer"), (CONSOLE_SCRIPT, "mcp-bearer"), (IMPORTED_MAIN, "python -m mcp_bearer")],
@@ -290,6 +296,7 @@ def test_cli_help_explains_and_every_entry_point_refuses_alike(command: tuple[st
     assert result.stderr.splitlines() == ["mcp_bearer: error: unrecognized arguments: --no-such-option"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -326,6 +333,7 @@ def test_cli_bad_token_sources_are_one_stderr_line_and_exit_2(args: list[str], m
 # --- token services from the command line: JWKS, introspection, cache, audit trail ------
 
 
+@pytest.mark.slow
 def test_cli_jwks_url_protects_an_app_with_jwt(jwks: JWKSEndpoint) -> None:
     args = ["--jwks-url", jwks.url, "--issuer", ISSUER, "--audience", AUDIENCE, "--audience", "api://x"]
     with cli_server(*args, "--algorithm", "ES256", "--algorithm", "RS256") as (base, lines):
@@ -336,6 +344,7 @@ def test_cli_jwks_url_protects_an_app_with_jwt(jwks: JWKSEndpoint) -> None:
         assert raw_request(base, "GET", "/health")[0] != 401
 
 
+@pytest.mark.slow
 def test_cli_chains_api_keys_and_cached_introspection_and_prints_the_audit_trail(
     introspection: IntrospectionEndpoint, tmp_path: Path
 ) -> None:

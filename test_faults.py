@@ -49,6 +49,10 @@ from support import (
     session_table,
 )
 
+# Every test here runs a real server, or 100,000 requests.
+pytestmark = pytest.mark.slow
+
+
 # --- provider faults under a real server ------------------------------------------------
 
 

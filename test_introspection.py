@@ -174,6 +174,7 @@ def test_introspection_without_a_usable_answer_is_503_never_401_nor_a_pass(
     assert not [r for r in introspection.requests if r.path == "/redirected"]  # the redirect was not followed
 
 
+@pytest.mark.slow
 def test_introspection_never_blocks_the_event_loop(introspection: IntrospectionEndpoint) -> None:
     """While the token service hangs, API-key callers and public paths on the same server answer at once."""
     provider = ProviderChain(StaticTokenProvider(TOKENS), introspector(introspection, timeout=3.0))
@@ -254,6 +255,7 @@ def test_introspection_repr_names_the_endpoint_never_the_secret_and_construction
 # --- end to end: the SDK's client under asyncio and trio --------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn-trio"])
 def test_e2e_introspected_claims_reach_whoami(introspection: IntrospectionEndpoint, server: str) -> None:
     """The SDK's client and tool, an opaque token, one introspection for the whole session (asyncio and trio)."""

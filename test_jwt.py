@@ -439,6 +439,7 @@ def test_jwt_stale_set_is_refreshed_in_the_background(jwks: JWKSEndpoint) -> Non
     jwks.release.set()
 
 
+@pytest.mark.slow
 def test_jwt_outage_at_startup_is_503_with_retry_after_then_recovers(jwks_server: JWKSEndpoint) -> None:
     endpoint = jwks_server  # served again, below, on the address that was down
     endpoint.reset()
@@ -504,6 +505,7 @@ def test_jwt_api_keys_never_wait_on_the_identity_provider(jwks: JWKSEndpoint) ->
     assert jwks.hits == 0
 
 
+@pytest.mark.slow
 def test_jwt_hanging_jwks_does_not_delay_other_requests(jwks: JWKSEndpoint) -> None:
     """The fetch runs in a worker thread: the event loop keeps answering everyone else."""
     jwks.mode = "hang"
@@ -536,6 +538,7 @@ def test_jwt_hanging_jwks_does_not_delay_other_requests(jwks: JWKSEndpoint) -> N
 # --- end to end: the SDK's client, hypercorn's trio worker ------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_jwt_whoami_sees_the_tokens_claims_and_scopes(jwks: JWKSEndpoint) -> None:
     provider = jwt_provider(jwks.url)
@@ -551,6 +554,7 @@ async def test_e2e_jwt_whoami_sees_the_tokens_claims_and_scopes(jwks: JWKSEndpoi
     assert jwks.hits == 1
 
 
+@pytest.mark.slow
 def test_e2e_jwt_under_hypercorns_trio_worker(jwks: JWKSEndpoint) -> None:
     """hypercorn --worker-class trio: no asyncio loop; the JWKS fetch is awaited the trio way."""
 

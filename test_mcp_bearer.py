@@ -778,6 +778,7 @@ ROOT_PATH = st.sampled_from(["", "", "", "/api", "/api/", "/health", "/"])
 METHOD = st.sampled_from(["POST", "POST", "GET", "GET", "HEAD", "OPTIONS", "OPTIONS", "DELETE", "PUT", "options"])
 
 
+@pytest.mark.slow
 @given(
     headers=HEADERS,
     path=PATH,
@@ -834,6 +835,7 @@ VALID = st.one_of(
 )
 
 
+@pytest.mark.slow
 @given(
     kind=st.sampled_from(["raises", "wrong-type", "none", "expired", "valid"]),
     data=st.data(),

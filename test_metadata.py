@@ -186,6 +186,7 @@ def recording(app: Any, seen: list[tuple[str, str]]) -> Any:
     return record
 
 
+@pytest.mark.slow
 def test_e2e_metadata_document_over_http() -> None:
     listener, base = listener_and_url()
     app = BearerAuthMiddleware(
@@ -227,6 +228,7 @@ async def _not_found(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b""})
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_sdk_oauth_client_follows_resource_metadata_to_the_authorization_server() -> None:
     """The SDK's own 401 handling reads resource_metadata, fetches our document, then asks its issuer."""

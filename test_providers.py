@@ -129,6 +129,7 @@ def jwt_shaped(claims: dict[str, Any]) -> str:
     return token
 
 
+@pytest.mark.slow
 def test_e2e_chain_api_key_callers_get_in_while_the_jwks_endpoint_is_down(introspection: IntrospectionEndpoint) -> None:
     """API keys first, then JWTs: an IdP outage costs the JWT callers a 503, not the API-key callers anything."""
     introspection.mode = "500"  # the loopback server stands in for an IdP whose JWKS endpoint is down

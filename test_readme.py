@@ -50,6 +50,7 @@ def readme_block(marker: str) -> str:
     return block
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_readme_quick_start_server_works_as_written() -> None:
     source = readme_block("# server.py")
@@ -67,6 +68,7 @@ async def test_readme_quick_start_server_works_as_written() -> None:
             assert tool_text(result) == "Hello bob@example.com"
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_readme_jwt_provider_example_works_as_written() -> None:
     """The README's JWTProvider block against a real JWKS endpoint and the SDK's client."""
@@ -150,6 +152,7 @@ def test_readme_introspection_cache_and_chain_compose_as_written(monkeypatch: py
 # --- FastAPI and Starlette's add_middleware, as the README shows them -------------------
 
 
+@pytest.mark.slow
 def test_readme_fastapi_add_middleware_serves_its_docs_and_guards_its_routes() -> None:
     SECRETS.add("sk-abc123")
     namespace: dict[str, Any] = {"__name__": "fastapi_app"}
@@ -164,6 +167,7 @@ def test_readme_fastapi_add_middleware_serves_its_docs_and_guards_its_routes() -
         assert status == 200 and json.loads(body) == {"sub": "alice"}
 
 
+@pytest.mark.slow
 def test_fastapi_with_the_default_excluded_paths_guards_the_schema_its_docs_page_needs() -> None:
     from fastapi import FastAPI
 
@@ -174,6 +178,7 @@ def test_fastapi_with_the_default_excluded_paths_guards_the_schema_its_docs_page
         assert raw_request(base, "GET", "/openapi.json")[0] == 401  # why the README says what to pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
 def test_add_middleware_with_a_bad_option_is_an_error_record_at_startup(framework: str) -> None:
     """Starlette builds middleware lazily; uvicorn's lifespan="auto" reports a failing lifespan at INFO only."""

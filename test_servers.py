@@ -43,6 +43,10 @@ from support import (
     whoami_async,
 )
 
+# Every test here serves the SDK app with a real server and drives it with the SDK's client.
+pytestmark = pytest.mark.slow
+
+
 # --- end to end under uvicorn: the SDK's server and client ------------------------------
 
 

@@ -155,6 +155,7 @@ def test_bind_sessions_false_leaves_sessions_to_the_app() -> None:
     assert sid and harness.request(with_session(bearer(BOB), sid)).status == 200
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_second_principal_on_first_principals_session_gets_404(stateful_url: str) -> None:
     session_ids: list[str] = []
@@ -178,6 +179,7 @@ async def test_e2e_second_principal_on_first_principals_session_gets_404(statefu
 # --- identity under concurrency on one session ------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_20_concurrent_calls_on_one_session_each_see_their_own_token() -> None:
     """mcp 1.x answered every call on a stateful session with its first request's token (SDK #2208)."""
@@ -260,6 +262,7 @@ def sse_base() -> Iterator[str]:
         yield base
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_sse_client_works_and_each_caller_sees_their_own_claims(sse_base: str) -> None:
     async with sse_session(sse_base, BOB) as (bob, _), sse_session(sse_base, CAROL_NO_SUB) as (carol, _):
@@ -268,6 +271,7 @@ async def test_e2e_sse_client_works_and_each_caller_sees_their_own_claims(sse_ba
             assert await call_json(carol, tool) == as_whoami_sees(CAROL_NO_SUB)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("owner", "intruder"),
@@ -284,6 +288,7 @@ async def test_e2e_sse_another_principal_cannot_post_into_a_session_in_any_spell
         assert (await call_json(session, "whoami"))["token"] == fingerprint(owner)  # the owner carries on
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_sse_without_sub_the_session_belongs_to_the_token_not_the_person() -> None:
     tokens = {CAROL_NO_SUB: {"email": "carol@example.com"}, ALICE_2: {"email": "carol@example.com"}}
@@ -296,6 +301,7 @@ async def test_e2e_sse_without_sub_the_session_belongs_to_the_token_not_the_pers
             assert (await call_json(session, "whoami"))["token"] == fingerprint(CAROL_NO_SUB)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_sse_a_forged_elicitation_answer_is_refused_and_the_owner_decides(sse_base: str) -> None:
     """Bob answers the confirmation alice's tool asked her for: her tool must go on with her answer."""
@@ -327,6 +333,7 @@ async def test_e2e_sse_a_forged_elicitation_answer_is_refused_and_the_owner_deci
         assert json.loads(tool_text(results[0])) == {"action": "decline", "data": None}
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_e2e_sse_binding_ends_with_the_stream_and_the_table_stays_bounded() -> None:
     middleware = BearerAuthMiddleware(sse_app(whoami), FakeProvider(), max_sessions=2)
