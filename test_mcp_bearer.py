@@ -1,9 +1,8 @@
-"""The middleware's contract, called directly with hand-built ASGI scopes (fast, no network).
+"""The middleware's contract, called directly with hand-built ASGI scopes: no server, no network.
 
 What RFC 6750 and RFC 9110 say a bearer-token check must answer to every request, what it must
-never let through, and what it does when its provider fails or it is configured wrongly. The other
-capabilities have files of their own: test_metadata.py (the MCP authorization spec), test_sessions.py,
-test_servers.py, test_jwt.py, test_introspection.py, test_cache.py, test_providers.py, test_cli.py.
+never let through, and what it does when its provider fails or it is configured wrongly. Every other
+capability has a test file of its own; what they share is in support.py and conftest.py.
 """
 
 from __future__ import annotations
