@@ -2031,6 +2031,8 @@ class _Throttle:
         self._max_failures = max_failures
         self._window = window
         self._store = store
+        if store is not None:
+            store._start()  # its reader learns of addresses other replicas throttled, before any failure here
         self._too_many = refusals.too_many
         self._failures: dict[str, collections.deque[float]] = {}  # address -> times of its latest refusals
         self._accepted: dict[bytes, float] = {}  # token digest -> when last accepted

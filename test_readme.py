@@ -151,6 +151,49 @@ def test_readme_introspection_cache_and_chain_compose_as_written(monkeypatch: py
         assert outcome.status == 503 and outcome.header("retry-after") is not None, token
 
 
+# --- per-operation authorization, as the README's worked example has it ----------------
+
+
+def readme_http_block(marker: str) -> str:
+    """The README's http code block that contains ``marker``."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
+        blocks = readme.read().split("```http\n")[1:]
+    (block,) = [b.split("```", 1)[0] for b in blocks if marker in b]
+    return block
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_readme_per_operation_example_answers_the_403_it_shows() -> None:
+    """The CI robot's key may list but not rename: the 403 it gets is the one the README prints."""
+    source = readme_block("# projects_server.py")
+    if MCP_MAJOR == 1:
+        source = source.replace(
+            "from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer"
+        )
+    SECRETS.add("sk-ci-robot")
+    namespace: dict[str, Any] = {"__name__": "projects_server"}
+    exec(compile(source, "README.md:projects_server.py", "exec"), namespace)
+    shown = readme_http_block("HTTP/1.1 403 Forbidden")
+    shown_challenge = next(line for line in shown.splitlines() if line.startswith("www-authenticate: "))
+    shown_body = json.loads(shown.strip().splitlines()[-1])
+    robot = {"Authorization": "Bearer sk-ci-robot", **MCP_POST_HEADERS}
+    with serve(namespace["app"]) as base:
+        async with mcp_session(base + "/mcp", "sk-ci-robot") as (session, _):  # the 2025-11-25 handshake
+            listed = await session.call_tool("list_projects", {})
+            assert "apollo" in tool_text(listed)  # listed, not refused
+        for tool in ("rename_project", "delete_project"):
+            call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": tool, "arguments": {}}}
+            status, headers, body = raw_request(base, "POST", "/mcp", robot, json.dumps(call).encode())
+            assert status == 403, (tool, body)
+            if tool == "rename_project":  # as printed, to the byte
+                assert f"www-authenticate: {headers['www-authenticate']}" == shown_challenge
+                assert json.loads(body) == shown_body
+            else:  # admin: all that the operation needs, in one challenge
+                assert json.loads(body)["scope"] == "mcp:tools projects:admin"
+    assert namespace["PROJECTS"] == {"apollo": "active", "gemini": "archived"}  # nothing renamed, nothing deleted
+
+
 # --- FastAPI and Starlette's add_middleware, as the README shows them -------------------
 
 
