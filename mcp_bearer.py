@@ -11,31 +11,37 @@ One file, standard library only: copy it into a project or ``pip install`` it.
 Contents, top to bottom (where each guarantee of the README is enforced):
 
 1. Helpers used everywhere: option checks (``TypeError`` for a wrong type, ``ValueError``
-   for a wrong value, the option named), token digests, and ``_Claims``, the one
-   rule by which every provider gives each request claims no other request shares.
-2. Public types: :class:`AccessToken` (its ``repr`` hides the token), the errors.
-3. Providers. :class:`StaticTokenProvider` keeps only digests. ``_http_call`` is the only
-   code that touches the network (worker thread, deadline, size bound, no redirect).
-   ``_JWKSource`` is an issuer's key set over time (cache, cooldown, single flight, last
-   good set); :class:`JWTProvider` applies RFC 8725 around PyJWT's signature check.
-   :class:`IntrospectionProvider` (RFC 7662), :class:`CachedProvider`, :class:`ProviderChain`.
-4. Context helpers: :func:`get_access_token`, :func:`require_auth`, :func:`require_scopes`.
-5. The middleware. ``_Response``: every answer, refusals included, built once at
-   construction (``_Refusals`` holds the RFC 6750 challenges). ``_credentials``: the header
-   scan and the ``Bearer`` syntax (RFC 6750 2.1, RFC 9110 11). ``_SessionOwners``: MCP
-   sessions belong to their creator, on both HTTP transports. ``BearerAuthMiddleware.__call__``
-   runs the request path in order: public paths, credentials, provider (fail closed:
-   500/503, never a pass), expiry and scopes (``_judge``), sessions, then the app with
-   the caller in a context variable and in ``scope["state"]``.
-6. The command line: :func:`main` (``mcp-bearer`` / ``python -m mcp_bearer``).
+   for a wrong value, the option named), digests (``_digest`` for lookups, ``_keyed_digest``
+   where people read), ``_refused`` (a refusal's reason, for operators), and ``_Claims``, the
+   one rule by which every provider gives each request claims no other request shares.
+2. Public types: :class:`AccessToken` (its ``repr`` hides the token), :class:`Operation`, the errors.
+3. Providers. :class:`StaticTokenProvider` keeps only digests; API keys of our own (``mcpb_``,
+   checksummed) and the keys file it follows (``_KeysFile``). ``_http_call`` is the only code
+   that touches HTTP (worker thread, deadline, size bound, no redirect, no proxy for http://).
+   ``_JWKSource`` is an issuer's key set over time; :class:`JWTProvider` applies RFC 8725
+   around PyJWT's signature check. :class:`IntrospectionProvider` (RFC 7662),
+   :class:`CachedProvider`, :class:`ProviderChain`; :class:`RedisStore` (the only code that
+   talks to Redis) and :class:`RevocationCheck` for many replicas.
+4. Context helpers: :func:`get_access_token`, :func:`principal_key` (who owns a session:
+   issuer and subject), :func:`require_auth`, :func:`require_scopes` (``_ScopeHierarchy``).
+5. The middleware. ``_Response``: every answer, built once (``_Refusals``: one status, one
+   meaning). ``_SessionOwners``: sessions belong to their creator, on both transports and any
+   path. ``_Throttle``: 429 after repeated refused tokens. ``_OperationGuard``: the scopes
+   each MCP operation needs, read from the body the app acts on. ``_SDKCaller``: the caller
+   as the MCP SDK reads it. ``BearerAuthMiddleware.__call__`` runs the request path in order:
+   public answers (excluded paths, metadata, preflights, Origin), credentials (``_credentials``,
+   RFC 6750 2.1), throttle, provider (fail closed: 500/503, never a pass), expiry and scopes
+   (``_judge``), sessions, operations, then the app with the caller in context variables and in
+   ``scope["state"]``.
+6. The command line: :func:`main` (``mcp-bearer`` / ``python -m mcp_bearer``), ``keys``, ``revoke``.
 
 References:
 - RFC 6750 (Bearer Token Usage): section 2.1 header syntax, section 3 challenges.
 - RFC 9110 section 11 (HTTP authentication): case-insensitive scheme, ``1*SP``.
 - RFC 9728 (OAuth 2.0 Protected Resource Metadata).
 - RFC 8725 (JWT best current practices), RFC 7662 (token introspection).
-- MCP specification, Authorization (2025-06-18 and 2025-11-25) and the
-  Streamable HTTP transport's session management.
+- MCP specification, Authorization and Streamable HTTP (2025-11-25 and 2026-07-28): session
+  binding, scope challenges and hierarchies, Origin, Mcp-Method/Mcp-Name.
 """
 
 from __future__ import annotations
