@@ -2566,7 +2566,20 @@ class _SDKCaller:
     def __init__(self) -> None:
         bearer_auth = importlib.import_module("mcp.server.auth.middleware.bearer_auth")
         self.context_var = importlib.import_module("mcp.server.auth.middleware.auth_context").auth_context_var
-        self.user = _sdk_user_type(bearer_auth.AuthenticatedUser, importlib.import_module("mcp.server.auth.provider"))
+        caller = _sdk_user_type(bearer_auth.AuthenticatedUser, importlib.import_module("mcp.server.auth.provider"))
+        self._new_user: Callable[[], Any] = functools.partial(object.__new__, caller)  # the SDK's __init__ unrun
+        self._set, self._reset = self.context_var.set, self.context_var.reset
+
+    def user(self, access: AccessToken) -> Any:
+        """The caller as the SDK's AuthenticatedUser: nothing of the SDK's is built until something reads it."""
+        user = self._new_user()
+        user._access = access
+        return user
+
+    def enter(self, scope: Scope, access: AccessToken) -> Callable[[], None]:
+        """Hand the SDK this request's caller; returns what resets its context variable."""
+        scope["user"] = user = self.user(access)
+        return functools.partial(self._reset, self._set(user))
 
     @staticmethod
     def wanted() -> bool:
@@ -2574,15 +2587,12 @@ class _SDKCaller:
         return "mcp.server.auth.middleware.bearer_auth" in sys.modules
 
 
-def _sdk_user_type(base: Any, provider: Any) -> Callable[[AccessToken], Any]:
+def _sdk_user_type(base: Any, provider: Any) -> type[Any]:
     class Caller(base):  # type: ignore[misc]
-        """The SDK's AuthenticatedUser for one request; its AccessToken is made on first read."""
+        """The SDK's AuthenticatedUser for one request (made by ``_SDKCaller.user``); its AccessToken on first read."""
 
-        __slots__ = ("_access", "_built")
-
-        def __init__(self, access: AccessToken) -> None:  # no super().__init__: nothing is built yet
-            self._access = access
-            self._built: Any = None
+        _access: AccessToken
+        _built: Any = None
 
         @property
         def access_token(self) -> Any:
@@ -2663,6 +2673,11 @@ def _logged_when_refused(init: Callable[_P, None]) -> Callable[_P, None]:
             raise
 
     return logged_init
+
+
+def _undo_all(undo: list[Callable[[], None]]) -> None:
+    for step in reversed(undo):
+        step()
 
 
 _PASS = _Response(0, (), b"")  # a public request: the app answers it, unauthenticated
@@ -2769,7 +2784,10 @@ class BearerAuthMiddleware:
         if max_failures is not None:
             failures = _positive_int("max_failures", max_failures)
             self._throttle = _Throttle(failures, window, self._refusals, store)
-        self._extras = self._audit or self._sdk is not None or scope_implies is not None or self._throttle is not None
+        # What else handing the app its caller takes; the SDK alone (an MCP app's usual case) has its own short way.
+        others = self._audit or scope_implies is not None or self._throttle is not None
+        self._entering: Callable[[Scope, AccessToken, Callable[[], None] | None], Callable[[], None] | None] | None
+        self._entering = self._enter if others else self._enter_sdk if self._sdk is not None else None
         self._watched_name_sizes = _WATCHED_NAME_SIZES | (_ROUTING_NAME_SIZES if self._operations else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -2809,7 +2827,7 @@ class BearerAuthMiddleware:
             return await self._refuse(scope, send, refusal, access)
 
         scope.setdefault("state", {})["access_token"] = access  # where Starlette's request.state finds it
-        after = self._enter(scope, access, ended) if self._extras else ended
+        after = self._entering(scope, access, ended) if self._entering else ended
         reset = _current_token.set(access)
         try:
             await self.app(scope, receive, send)
@@ -2817,6 +2835,11 @@ class BearerAuthMiddleware:
             _current_token.reset(reset)
             if after is not None:
                 after()
+
+    def _enter_sdk(self, scope: Scope, access: AccessToken, ended: Callable[[], None] | None) -> Callable[[], None]:
+        assert self._sdk is not None
+        undo = self._sdk.enter(scope, access)
+        return undo if ended is None else functools.partial(_undo_all, [ended, undo])
 
     def _enter(self, scope: Scope, access: AccessToken, ended: Callable[[], None] | None) -> Callable[[], None] | None:
         """The optional parts of handing the app its caller; returns what to undo once the app is done.
@@ -2828,26 +2851,15 @@ class BearerAuthMiddleware:
             self._audit_decision(scope, None, access, None)
         if self._throttle is not None:
             self._throttle.accepted(access.token)
-        hierarchy = None if self._hierarchy is _NO_HIERARCHY else self._hierarchy
-        sdk, hierarchy_reset, sdk_reset = self._sdk, None, None
-        if hierarchy is not None:
-            scope["state"][_HIERARCHY_KEY] = hierarchy
-            hierarchy_reset = _current_hierarchy.set(hierarchy)
-        if sdk is not None:
-            scope["user"] = user = sdk.user(access)
-            sdk_reset = sdk.context_var.set(user)
-        if hierarchy_reset is None and sdk_reset is None:
-            return ended
-
-        def after() -> None:
-            if sdk_reset is not None:
-                sdk.context_var.reset(sdk_reset)  # type: ignore[union-attr]
-            if hierarchy_reset is not None:
-                _current_hierarchy.reset(hierarchy_reset)
-            if ended is not None:
-                ended()
-
-        return after
+        undo = [] if ended is None else [ended]
+        if self._hierarchy is not _NO_HIERARCHY:
+            scope["state"][_HIERARCHY_KEY] = self._hierarchy
+            undo.append(functools.partial(_current_hierarchy.reset, _current_hierarchy.set(self._hierarchy)))
+        if self._sdk is not None:
+            undo.append(self._sdk.enter(scope, access))
+        if len(undo) < 2:  # nothing, or one thing, to undo: no list to walk
+            return undo[0] if undo else None
+        return functools.partial(_undo_all, undo)
 
     async def _answer_public(self, scope: Scope, receive: Receive, send: Send, public: _Response) -> None:
         if public is _PASS:
