@@ -2413,17 +2413,14 @@ class _OperationGuard:
         granted = self._hierarchy.effective(access.scopes)
         if scope["type"] != "http" or scope.get("method") != "POST":
             return self._verdict(self._required, granted), receive
-        messages: list[Message] = []
-        size = 0
-        while not messages or messages[-1].get("more_body", False):  # the whole body, bounded
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return self._refusals.unreadable, receive  # http.disconnect: nobody is left to serve
-            size += len(message.get("body", b""))
-            if size > self._max_body_size:
-                return self._refusals.too_large, receive
+        messages = [await receive()]
+        if messages[0]["type"] != "http.request" or messages[0].get("more_body", False):
+            read = await self._rest_of_body(receive, messages)
+            if read is not None:
+                return read, receive
         body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
+        if len(body) > self._max_body_size:
+            return self._refusals.too_large, receive
         try:
             needed = self._needed(body, routing)
         except _Unreadable:
@@ -2435,6 +2432,20 @@ class _OperationGuard:
 
     def _verdict(self, needed: tuple[str, ...], granted: frozenset[str]) -> _Response | None:
         return None if granted.issuperset(needed) else self._refusals.insufficient_for(needed)
+
+    async def _rest_of_body(self, receive: Receive, messages: list[Message]) -> _Response | None:
+        """A body in several messages, each added to ``messages``; a refusal where it cannot be read whole."""
+        size = 0
+        while True:
+            message = messages[-1]
+            if message["type"] != "http.request":
+                return self._refusals.unreadable  # http.disconnect: nobody is left to serve
+            size += len(message.get("body", b""))
+            if size > self._max_body_size:
+                return self._refusals.too_large  # counted as it comes: never more than the bound is held
+            if not message.get("more_body", False):
+                return None
+            messages.append(await receive())
 
     def _needed(self, body: bytes, routing: list[tuple[bytes, bytes]]) -> tuple[str, ...]:
         """``required_scopes`` and every scope any operation of the body needs, in a stable order."""
@@ -2468,8 +2479,10 @@ class _OperationGuard:
 
 def _read_json(body: bytes) -> Any:
     """The body as ``json.loads(body)`` reads it (encoding detected, a BOM allowed), without its wrapper's cost."""
+    # json.detect_encoding's answer for a body that opens an object or array in ASCII, without its cost.
+    encoding = "utf-8" if body[:1] in (b"{", b"[") and body[1:2] != b"\x00" else json.detect_encoding(body)
     try:
-        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        text = body.decode(encoding, "surrogatepass")
         start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
         value, end = _JSON_SCAN(text, start)
     except (ValueError, RecursionError, StopIteration):  # StopIteration: no JSON value at all
@@ -2503,7 +2516,7 @@ def _operations(body: bytes, routing: list[tuple[bytes, bytes]]) -> list[tuple[s
         operations.append((method, name, params))
     if not elements:
         raise _Unreadable
-    method_header, name_header = _routing_headers(routing)
+    method_header, name_header = _routing_headers(routing) if routing else (None, None)
     if method_header is not None:  # MCP 2026-07-28: one request, named in the headers as in the body
         if len(elements) != 1 or len(operations) != 1 or operations[0][0] != method_header:
             raise _Unreadable
