@@ -1,0 +1,630 @@
+"""End to end: a token that lacks an operation's scopes is answered 403, and the SDK's OAuth client steps up.
+
+MCP 2026-07-28, Authorization, "Scope Challenge Handling": a resource server answers a valid token
+that lacks the scopes an operation needs with HTTP 403 and ``WWW-Authenticate: Bearer
+error="insufficient_scope", scope="...", resource_metadata="..."`` (RFC 6750 section 3.1, RFC 9728
+section 5.1); the client re-authorizes for the union of what it holds and what was challenged, and
+retries. Everything here is real: an OAuth 2.1 authorization server of our own (RFC 8414 metadata,
+RFC 7591 registration, PKCE, RFC 8707 resource indicators, RS256 JWTs signed with a key from
+``cryptography``), the SDK's MCP server behind ``BearerAuthMiddleware``, both under uvicorn on free
+loopback ports, and the SDK's own ``OAuthClientProvider``. Only the person at the consent screen is
+stood in for: the authorization endpoint approves at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import anyio
+import jwt
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric import rsa
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from mcp_bearer import BearerAuthMiddleware, JWTProvider, ProviderChain, StaticTokenProvider
+
+try:  # mcp 2.x
+    import httpx2 as httpx
+    from mcp.client import Client
+    from mcp.server.mcpserver import MCPServer as _Server
+    from mcp.shared.auth import AuthorizationCodeResult
+    from mcp.shared.exceptions import MCPError
+
+    MCP_MAJOR = 2
+except ImportError:  # mcp 1.x: no Client, no 2026-07-28, the callback answers (code, state)
+    import httpx  # type: ignore[no-redef]
+    from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[no-redef,assignment]
+    from mcp.shared.exceptions import McpError as MCPError  # type: ignore[no-redef,attr-defined]
+
+    MCP_MAJOR = 1
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+REQUIRED = ["mcp:tools"]
+NEVER_GRANTED = "never:granted"  # the authorization server drops it from every grant, as real ones do
+OPERATION_SCOPES = {"tools/call delete_project": ["projects:delete"], "tools/call forbidden": [NEVER_GRANTED]}
+SCOPES_SUPPORTED = ["mcp:tools", "projects:delete", NEVER_GRANTED]
+API_KEY = "sk-ci-bot-9Qw2Er4Ty6Ui8Op0As1D"
+API_KEY_CLAIMS = {"sub": "ci-bot", "scopes": ["mcp:tools"]}
+USER = "alice"  # who approves every authorization
+REDIRECT_URI = "http://127.0.0.1:9/callback"  # never fetched: the stand-in browser reads the redirect
+WAIT = 60  # seconds any one test may take on a busy 2-core machine; a loop would hit it, not hang CI
+LEGACY = "2025-11-25"  # the initialize handshake generation
+MODERN = "2026-07-28"
+GENERATIONS = [MODERN, LEGACY]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """asyncio only: the servers run under uvicorn's asyncio whatever the client runs on."""
+    return "asyncio"
+
+
+# --- the authorization server ---------------------------------------------------
+
+
+@dataclass
+class Grant:
+    """What one approval (a code, then its refresh token) stands for."""
+
+    client_id: str
+    scopes: list[str]
+    resource: str
+    redirect_uri: str = ""
+    code_challenge: str = ""
+
+
+@dataclass
+class AuthorizationServer:
+    """A small OAuth 2.1 authorization server that approves every authorization at once.
+
+    It records what each authorization asked for and what each token request was granted,
+    and every secret it hands out, for the log scan.
+    """
+
+    issuer: str
+    resource: str  # RFC 8707: the one resource it issues tokens for; any other is invalid_target
+    key: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    kid: str = field(default_factory=lambda: secrets.token_hex(8))
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    codes: dict[str, Grant] = field(default_factory=dict)
+    refresh_tokens: dict[str, Grant] = field(default_factory=dict)
+    authorizations: list[list[str]] = field(default_factory=list)  # the scopes each one asked for
+    token_requests: list[tuple[str, list[str]]] = field(default_factory=list)  # (grant_type, scopes granted)
+    issued: set[str] = field(default_factory=set)  # every secret handed out
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/.well-known/oauth-authorization-server", self.metadata),
+                Route("/register", self.register, methods=["POST"]),
+                Route("/authorize", self.authorize),
+                Route("/token", self.token, methods=["POST"]),
+                Route("/jwks", self.jwks),
+            ]
+        )
+
+    async def metadata(self, request: Request) -> Response:
+        # RFC 8414 section 2; MCP requires PKCE with S256 (OAuth 2.1 section 4.1.1).
+        return JSONResponse(
+            {
+                "issuer": self.issuer,
+                "authorization_endpoint": f"{self.issuer}/authorize",
+                "token_endpoint": f"{self.issuer}/token",
+                "registration_endpoint": f"{self.issuer}/register",
+                "jwks_uri": f"{self.issuer}/jwks",
+                "response_types_supported": ["code"],
+                "grant_types_supported": ["authorization_code", "refresh_token"],
+                "code_challenge_methods_supported": ["S256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "none"],
+                "scopes_supported": SCOPES_SUPPORTED,
+                "authorization_response_iss_parameter_supported": True,  # RFC 9207
+            }
+        )
+
+    async def register(self, request: Request) -> Response:
+        # RFC 7591 section 3.2.1: the server's record of the client, with its credentials.
+        metadata = await request.json()
+        if not metadata.get("redirect_uris"):
+            return JSONResponse({"error": "invalid_redirect_uri"}, status_code=400)
+        client = {**metadata, "client_id": secrets.token_urlsafe(16), "client_id_issued_at": int(time.time())}
+        client.setdefault("token_endpoint_auth_method", "client_secret_post")
+        if client["token_endpoint_auth_method"] != "none":
+            client["client_secret"] = secrets.token_urlsafe(32)
+            self.issued.add(client["client_secret"])
+        self.clients[client["client_id"]] = client
+        return JSONResponse(client, status_code=201)
+
+    async def authorize(self, request: Request) -> Response:
+        query = request.query_params
+        client = self.clients.get(query.get("client_id", ""))
+        redirect_uri = query.get("redirect_uri", "")
+        if client is None or redirect_uri not in client["redirect_uris"]:
+            # RFC 6749 section 4.1.2.1: never redirect to an unverified URI.
+            return JSONResponse({"error": "invalid_request"}, status_code=400)
+        answer: dict[str, str] = {"state": query.get("state", ""), "iss": self.issuer}
+        if query.get("response_type") != "code" or query.get("code_challenge_method") != "S256":
+            answer["error"] = "invalid_request"
+        elif query.get("resource") != self.resource:
+            answer["error"] = "invalid_target"  # RFC 8707 section 2
+        else:
+            scopes = query.get("scope", "").split()
+            self.authorizations.append(scopes)
+            code = secrets.token_urlsafe(32)
+            self.issued.add(code)
+            self.codes[code] = Grant(client["client_id"], scopes, self.resource, redirect_uri, query["code_challenge"])
+            answer["code"] = code
+        return RedirectResponse(f"{redirect_uri}?{urlencode(answer)}", status_code=302)
+
+    async def token(self, request: Request) -> Response:
+        form = {name: values[0] for name, values in parse_qs((await request.body()).decode()).items()}
+        client = self.clients.get(form.get("client_id", ""))
+        if client is None or client.get("client_secret", "") != form.get("client_secret", ""):
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        if form.get("resource") != self.resource:
+            return JSONResponse({"error": "invalid_target"}, status_code=400)  # RFC 8707 section 2.2
+        if form.get("grant_type") == "authorization_code":
+            grant = self.codes.pop(form.get("code", ""), None)  # single use (OAuth 2.1 section 4.1.3)
+            verifier = form.get("code_verifier", "").encode()
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
+            if grant is None or grant.redirect_uri != form.get("redirect_uri") or grant.code_challenge != challenge:
+                return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        elif form.get("grant_type") == "refresh_token":
+            grant = self.refresh_tokens.get(form.get("refresh_token", ""))
+            if grant is None:
+                return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        else:
+            return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
+        if grant.client_id != client["client_id"] or grant.resource != form["resource"]:
+            return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        return JSONResponse(self._issue(form["grant_type"], grant), headers={"Cache-Control": "no-store"})
+
+    def _issue(self, grant_type: str, grant: Grant) -> dict[str, Any]:
+        # RFC 6749 section 3.3: the server may grant less than asked, and then says what it granted.
+        granted = [scope for scope in grant.scopes if scope != NEVER_GRANTED]
+        self.token_requests.append((grant_type, granted))
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "aud": grant.resource,  # RFC 8707 section 2: the audience is the resource asked for
+            "sub": USER,
+            "client_id": grant.client_id,
+            "scope": " ".join(granted),  # RFC 9068 section 2.2.3
+            "iat": now,
+            "exp": now + 3600,
+            "jti": secrets.token_hex(16),
+        }
+        access_token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid, "typ": "at+jwt"})
+        refresh_token = secrets.token_urlsafe(32)
+        self.refresh_tokens[refresh_token] = Grant(grant.client_id, granted, grant.resource)
+        self.issued.update((access_token, refresh_token))
+        return {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "scope": " ".join(granted),
+            "refresh_token": refresh_token,
+        }
+
+    async def jwks(self, request: Request) -> Response:
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        return JSONResponse({"keys": [{**public, "kid": self.kid, "use": "sig", "alg": "RS256"}]})
+
+
+# --- the MCP server under test ----------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One response the MCP server sent, as it went over the wire."""
+
+    status: int
+    challenge: str | None
+
+
+def mcp_app(ran: list[str]) -> Any:
+    """The SDK's streamable HTTP app with three tools; each appends its name to ``ran`` when it runs."""
+    server = _Server("projects")
+
+    @server.tool()
+    def list_projects() -> str:
+        ran.append("list_projects")
+        return "apollo gemini"
+
+    @server.tool()
+    def delete_project(name: str) -> str:
+        ran.append("delete_project")
+        return f"deleted {name}"
+
+    @server.tool()
+    def forbidden() -> str:
+        ran.append("forbidden")
+        return "this needs a scope nobody is granted"
+
+    return server.streamable_http_app()
+
+
+def on_the_wire(app: Any, exchanges: list[Exchange]) -> Any:
+    """The outermost layer: notes each /mcp response's status and challenge, as the client receives them."""
+
+    async def noted(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/mcp":
+            return await app(scope, receive, send)
+
+        async def note(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                challenge = headers.get(b"www-authenticate")
+                exchanges.append(Exchange(message["status"], challenge.decode() if challenge else None))
+            await send(message)
+
+        await app(scope, receive, note)
+
+    return noted
+
+
+@dataclass
+class Deployment:
+    authorization_server: AuthorizationServer
+    url: str  # the MCP endpoint, which is also the RFC 8707 resource
+    ran: list[str]
+    exchanges: list[Exchange]
+
+    @property
+    def secrets(self) -> set[str]:
+        """Every secret in play: what the authorization server handed out, and the API key."""
+        return {*self.authorization_server.issued, API_KEY}
+
+    @property
+    def metadata_url(self) -> str:
+        """RFC 9728 section 3.1: the well-known suffix goes between the host and the resource's path."""
+        base = self.url.removesuffix("/mcp")
+        return f"{base}/.well-known/oauth-protected-resource/mcp"
+
+
+@contextlib.contextmanager
+def serve(app: Any, listener: socket.socket) -> Iterator[None]:
+    """Serve ``app`` with uvicorn on ``listener`` in a thread; stop it and wait for it, each wait bounded."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        listener.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def loopback_listener() -> tuple[socket.socket, str]:
+    """A bound socket on a free loopback port, and its base URL: the apps must know their URLs before serving."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture
+def deployment() -> Iterator[Deployment]:
+    as_listener, issuer = loopback_listener()
+    mcp_listener, base = loopback_listener()
+    resource = f"{base}/mcp"
+    authorization_server = AuthorizationServer(issuer=issuer, resource=resource)
+    ran: list[str] = []
+    exchanges: list[Exchange] = []
+    provider = ProviderChain(
+        StaticTokenProvider({API_KEY: API_KEY_CLAIMS}),
+        JWTProvider(issuer=issuer, audience=resource, jwks_url=f"{issuer}/jwks", algorithms=["RS256"]),
+    )
+    guarded = BearerAuthMiddleware(
+        mcp_app(ran),
+        provider,
+        resource=resource,
+        authorization_servers=[issuer],
+        required_scopes=REQUIRED,
+        operation_scopes=OPERATION_SCOPES,
+        scopes_supported=SCOPES_SUPPORTED,
+    )
+    with serve(authorization_server.app(), as_listener), serve(on_the_wire(guarded, exchanges), mcp_listener):
+        yield Deployment(authorization_server, resource, ran, exchanges)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[logging.LogRecord]]:
+    """Every record of every logger during the test, any level, from any thread."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, root = Keep(logging.NOTSET), logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.NOTSET)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def assert_no_secret_logged(records: list[logging.LogRecord], secret_values: set[str]) -> None:
+    """No token, code, refresh token or client secret in any record: message, arguments or traceback."""
+    formatter = logging.Formatter()
+    for record in records:
+        text = record.getMessage() + (formatter.formatException(record.exc_info) if record.exc_info else "")
+        leaked = any(secret in text for secret in secret_values)
+        assert not leaked, f"a secret reached the log of {record.name!r} (not shown here either)"
+
+
+# --- the SDK's client --------------------------------------------------------------
+
+
+class MemoryStorage:
+    """The SDK's TokenStorage, in memory: one client's tokens and registration."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client_info: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client_info
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client_info = client_info
+
+
+class Browser:
+    """Stands in for the user's browser: opens the authorization URL, reads where it is sent back to."""
+
+    def __init__(self) -> None:
+        self.redirect: dict[str, str] = {}
+
+    async def open(self, authorization_url: str) -> None:
+        # http.client, which logs nothing: the code travels in the redirect's Location by design (RFC 6749
+        # section 4.1.2; PKCE makes that safe), and an HTTP library's DEBUG trace of it is no leak of ours.
+        status, location = await anyio.to_thread.run_sync(redirect_of, authorization_url)
+        assert status == 302, status
+        sent_back = urlsplit(location)
+        assert f"{sent_back.scheme}://{sent_back.netloc}{sent_back.path}" == REDIRECT_URI
+        self.redirect = {name: values[0] for name, values in parse_qs(sent_back.query).items()}
+        assert "error" not in self.redirect, self.redirect["error"]
+
+    async def callback(self) -> Any:
+        """The redirect's code and state (and on mcp 2.x its RFC 9207 issuer), as the SDK's callback answers."""
+        code, state = self.redirect["code"], self.redirect.get("state")
+        if MCP_MAJOR == 1:
+            return code, state
+        return AuthorizationCodeResult(code=code, state=state, iss=self.redirect.get("iss"))
+
+
+def redirect_of(url: str) -> tuple[int, str]:
+    """GET ``url`` without following a redirect: the status and the Location."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}")
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader("location", "")
+    finally:
+        connection.close()
+
+
+def oauth_provider(url: str) -> OAuthClientProvider:
+    browser = Browser()
+    metadata = OAuthClientMetadata(
+        client_name="step-up test",
+        redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
+        grant_types=["authorization_code", "refresh_token"],
+        response_types=["code"],
+        token_endpoint_auth_method="client_secret_post",
+    )
+    return OAuthClientProvider(
+        url, metadata, MemoryStorage(), redirect_handler=browser.open, callback_handler=browser.callback
+    )
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str, generation: str, **http_options: Any) -> AsyncIterator[Any]:
+    """The SDK's client over streamable HTTP, speaking ``generation``; ``http_options`` go to the httpx client."""
+    if generation == MODERN and MCP_MAJOR == 1:
+        pytest.skip("mcp 1.x speaks no 2026-07-28")
+    async with httpx.AsyncClient(timeout=20, **http_options) as http:
+        transport = streamable_http_client(url, http_client=http)
+        if MCP_MAJOR == 2:
+            # Client's default mode probes server/discover (2026-07-28); "legacy" forces the initialize handshake.
+            async with Client(transport, mode="auto" if generation == MODERN else "legacy") as client:
+                assert client.protocol_version == generation
+                yield client
+        else:
+            async with transport as streams, ClientSession(streams[0], streams[1]) as session:
+                assert (await session.initialize()).protocolVersion == generation
+                yield session
+
+
+async def refusal_seen_by(
+    url: str, generation: str, tool: str, arguments: dict[str, Any] | None = None, **http_options: Any
+) -> BaseException:
+    """The error a caller of ``tool`` gets, wherever the SDK raises it.
+
+    mcp 2.x turns the refused POST into an error response to the call, and the client carries on;
+    mcp 1.x's transport raises httpx's HTTPStatusError in its own task, which ends the client.
+    """
+    try:
+        async with connect(url, generation, **http_options) as caller:
+            await caller.call_tool(tool, arguments or {})
+    except Exception as error:  # not BaseException: a cancellation, fail_after's included, must go on up
+        leaves = list(leaves_of(error))
+        return next((leaf for leaf in leaves if isinstance(leaf, (MCPError, httpx.HTTPStatusError))), error)
+    raise AssertionError(f"{tool} was not refused")
+
+
+def leaves_of(error: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, as task groups raise them."""
+    inner = getattr(error, "exceptions", None)
+    if inner is None:
+        yield error
+    else:
+        for exception in inner:
+            yield from leaves_of(exception)
+
+
+def is_the_sdks_word_for_a_403(error: BaseException) -> bool:
+    if isinstance(error, httpx.HTTPStatusError):
+        return bool(error.response.status_code == 403)
+    return isinstance(error, MCPError)
+
+
+def text_of(result: Any) -> str:
+    assert not (getattr(result, "is_error", None) or getattr(result, "isError", None)), result
+    return str(result.content[0].text)
+
+
+def raw_post(url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP/1.1 POST: what any client on the wire sees, without an SDK's reading of it."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=20)
+    try:
+        connection.request("POST", parts.path, body=json.dumps(body).encode(), headers=headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def challenge(scopes: str, deployment: Deployment) -> dict[str, str]:
+    """The parameters of the challenge MCP 2026-07-28 asks for, as a dict, for comparing regardless of order."""
+    return {"error": "insufficient_scope", "scope": scopes, "resource_metadata": deployment.metadata_url}
+
+
+def parameters(www_authenticate: str) -> dict[str, str]:
+    """RFC 9110 section 11.6.1 auth-params of one Bearer challenge (quoted strings without escapes, as ours are)."""
+    scheme, _, rest = www_authenticate.partition(" ")
+    assert scheme == "Bearer", www_authenticate
+    found: dict[str, str] = {}
+    for part in rest.split('", '):
+        name, _, value = part.partition("=")
+        found[name.strip()] = value.strip('"')
+    return found
+
+
+# --- the tests -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+async def test_the_sdk_client_steps_up_to_the_union_of_scopes_and_the_tool_runs_once(
+    deployment: Deployment, generation: str, logs: list[logging.LogRecord]
+) -> None:
+    authorization_server = deployment.authorization_server
+    with anyio.fail_after(WAIT):
+        async with connect(deployment.url, generation, auth=oauth_provider(deployment.url)) as caller:
+            # The 401 challenge names the required scopes, so the first authorization asks for those alone.
+            assert authorization_server.authorizations == [REQUIRED]
+            assert text_of(await caller.call_tool("list_projects", {})) == "apollo gemini"
+            assert len(authorization_server.authorizations) == 1
+
+            assert text_of(await caller.call_tool("delete_project", {"name": "apollo"})) == "deleted apollo"
+
+    refusals = [exchange for exchange in deployment.exchanges if exchange.status == 403]
+    assert len(refusals) == 1 and refusals[0].challenge is not None
+    assert parameters(refusals[0].challenge).items() >= challenge("mcp:tools projects:delete", deployment).items()
+    # The step-up asks for exactly the union of what was granted and what was challenged.
+    assert authorization_server.authorizations == [REQUIRED, ["mcp:tools", "projects:delete"]]
+    assert authorization_server.token_requests == [
+        ("authorization_code", REQUIRED),
+        ("authorization_code", ["mcp:tools", "projects:delete"]),
+    ]
+    assert len(authorization_server.clients) == 1  # one registration: the step-up reuses it
+    assert deployment.ran.count("delete_project") == 1
+    assert_no_secret_logged(logs, deployment.secrets)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+async def test_a_scope_the_server_never_grants_ends_in_an_error_not_a_loop(
+    deployment: Deployment, generation: str, logs: list[logging.LogRecord]
+) -> None:
+    authorization_server = deployment.authorization_server
+    with anyio.fail_after(WAIT):
+        error = await refusal_seen_by(deployment.url, generation, "forbidden", auth=oauth_provider(deployment.url))
+    assert is_the_sdks_word_for_a_403(error), repr(error)
+
+    # One step-up, granted less than it asked for; the retry is refused again and the caller told.
+    assert authorization_server.authorizations == [REQUIRED, ["mcp:tools", NEVER_GRANTED]]
+    assert authorization_server.token_requests == [("authorization_code", REQUIRED)] * 2
+    refusals = [exchange for exchange in deployment.exchanges if exchange.status == 403]
+    assert len(refusals) == 2
+    for refusal in refusals:
+        assert refusal.challenge is not None
+        assert parameters(refusal.challenge).items() >= challenge(f"mcp:tools {NEVER_GRANTED}", deployment).items()
+    assert "forbidden" not in deployment.ran
+    assert_no_secret_logged(logs, deployment.secrets)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+async def test_an_api_key_without_the_scope_is_refused_403_and_cannot_step_up(
+    deployment: Deployment, generation: str, logs: list[logging.LogRecord]
+) -> None:
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "delete_project", "arguments": {"name": "apollo"}},
+    }
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": generation,
+    }
+    if generation == MODERN:  # 2026-07-28 mirrors the method and the name into headers
+        headers |= {"Mcp-Method": "tools/call", "Mcp-Name": "delete_project"}
+    status, response_headers, body = raw_post(deployment.url, headers, call)
+    assert status == 403
+    expected = challenge("mcp:tools projects:delete", deployment)
+    assert parameters(response_headers["www-authenticate"]).items() >= expected.items()
+    assert json.loads(body).items() >= {"error": "insufficient_scope", "scope": "mcp:tools projects:delete"}.items()
+
+    # Through the SDK's client with the key as a static header: what the key may do works, the rest is an error.
+    static = {"Authorization": f"Bearer {API_KEY}"}
+    with anyio.fail_after(WAIT):
+        async with connect(deployment.url, generation, headers=static) as caller:
+            assert text_of(await caller.call_tool("list_projects", {})) == "apollo gemini"
+        error = await refusal_seen_by(deployment.url, generation, "delete_project", {"name": "apollo"}, headers=static)
+    assert is_the_sdks_word_for_a_403(error), repr(error)
+    assert deployment.ran.count("delete_project") == 0
+    assert deployment.authorization_server.authorizations == []  # no OAuth: nowhere to step up to
+    assert_no_secret_logged(logs, deployment.secrets)
