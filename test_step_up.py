@@ -239,8 +239,10 @@ class AuthorizationServer:
 
 @dataclass
 class Exchange:
-    """One response the MCP server sent, as it went over the wire."""
+    """One request to the MCP server and its response's status and challenge, as they went over the wire."""
 
+    method: str
+    path: str
     status: int
     challenge: str | None
 
@@ -268,17 +270,17 @@ def mcp_app(ran: list[str]) -> Any:
 
 
 def on_the_wire(app: Any, exchanges: list[Exchange]) -> Any:
-    """The outermost layer: notes each /mcp response's status and challenge, as the client receives them."""
+    """The outermost layer: notes each HTTP exchange, as the client sees it."""
 
     async def noted(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/mcp":
+        if scope["type"] != "http":
             return await app(scope, receive, send)
 
         async def note(message: Any) -> None:
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                challenge = headers.get(b"www-authenticate")
-                exchanges.append(Exchange(message["status"], challenge.decode() if challenge else None))
+                challenge = dict(message.get("headers") or []).get(b"www-authenticate")
+                text = challenge.decode() if challenge else None
+                exchanges.append(Exchange(scope["method"], scope["path"], message["status"], text))
             await send(message)
 
         await app(scope, receive, note)
@@ -297,6 +299,10 @@ class Deployment:
     def secrets(self) -> set[str]:
         """Every secret in play: what the authorization server handed out, and the API key."""
         return {*self.authorization_server.issued, API_KEY}
+
+    def refusals(self) -> list[Exchange]:
+        """The 403s the MCP endpoint answered."""
+        return [exchange for exchange in self.exchanges if exchange.path == "/mcp" and exchange.status == 403]
 
     @property
     def metadata_url(self) -> str:
@@ -444,7 +450,7 @@ def redirect_of(url: str) -> tuple[int, str]:
         connection.close()
 
 
-def oauth_provider(url: str) -> OAuthClientProvider:
+def oauth_provider(url: str, storage: MemoryStorage | None = None) -> OAuthClientProvider:
     browser = Browser()
     metadata = OAuthClientMetadata(
         client_name="step-up test",
@@ -454,7 +460,7 @@ def oauth_provider(url: str) -> OAuthClientProvider:
         token_endpoint_auth_method="client_secret_post",
     )
     return OAuthClientProvider(
-        url, metadata, MemoryStorage(), redirect_handler=browser.open, callback_handler=browser.callback
+        url, metadata, storage or MemoryStorage(), redirect_handler=browser.open, callback_handler=browser.callback
     )
 
 
@@ -526,9 +532,13 @@ def raw_post(url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[i
         connection.close()
 
 
-def challenge(scopes: str, deployment: Deployment) -> dict[str, str]:
-    """The parameters of the challenge MCP 2026-07-28 asks for, as a dict, for comparing regardless of order."""
-    return {"error": "insufficient_scope", "scope": scopes, "resource_metadata": deployment.metadata_url}
+def assert_step_up_challenge(www_authenticate: str | None, scopes: str, deployment: Deployment) -> None:
+    """The challenge MCP 2026-07-28 asks of a 403 (Scope Challenge Handling): every scope the operation needs."""
+    assert www_authenticate is not None
+    found = parameters(www_authenticate)
+    wanted = {"error": "insufficient_scope", "scope": scopes, "resource_metadata": deployment.metadata_url}
+    assert {name: found.get(name) for name in wanted} == wanted
+    assert found.get("error_description")
 
 
 def parameters(www_authenticate: str) -> dict[str, str]:
@@ -559,9 +569,8 @@ async def test_the_sdk_client_steps_up_to_the_union_of_scopes_and_the_tool_runs_
 
             assert text_of(await caller.call_tool("delete_project", {"name": "apollo"})) == "deleted apollo"
 
-    refusals = [exchange for exchange in deployment.exchanges if exchange.status == 403]
-    assert len(refusals) == 1 and refusals[0].challenge is not None
-    assert parameters(refusals[0].challenge).items() >= challenge("mcp:tools projects:delete", deployment).items()
+    [refusal] = deployment.refusals()
+    assert_step_up_challenge(refusal.challenge, "mcp:tools projects:delete", deployment)
     # The step-up asks for exactly the union of what was granted and what was challenged.
     assert authorization_server.authorizations == [REQUIRED, ["mcp:tools", "projects:delete"]]
     assert authorization_server.token_requests == [
@@ -569,6 +578,32 @@ async def test_the_sdk_client_steps_up_to_the_union_of_scopes_and_the_tool_runs_
         ("authorization_code", ["mcp:tools", "projects:delete"]),
     ]
     assert len(authorization_server.clients) == 1  # one registration: the step-up reuses it
+    assert deployment.ran.count("delete_project") == 1
+    assert_no_secret_logged(logs, deployment.secrets)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+async def test_after_a_restart_the_step_up_finds_the_authorization_server_through_the_challenge(
+    deployment: Deployment, generation: str, logs: list[logging.LogRecord]
+) -> None:
+    """A client holding only a stored token knows no authorization server: the 403's resource_metadata
+    (RFC 9728 section 5.1) is where it learns one, and the stored grant is kept in the union."""
+    authorization_server = deployment.authorization_server
+    storage = MemoryStorage()
+    with anyio.fail_after(WAIT):
+        async with connect(deployment.url, generation, auth=oauth_provider(deployment.url, storage)) as caller:
+            assert text_of(await caller.call_tool("list_projects", {})) == "apollo gemini"
+        before_restart = len(deployment.exchanges)
+        async with connect(deployment.url, generation, auth=oauth_provider(deployment.url, storage)) as caller:
+            assert text_of(await caller.call_tool("delete_project", {"name": "gemini"})) == "deleted gemini"
+
+    after_restart = deployment.exchanges[before_restart:]
+    [refusal] = deployment.refusals()
+    assert_step_up_challenge(refusal.challenge, "mcp:tools projects:delete", deployment)
+    metadata_path = urlsplit(deployment.metadata_url).path
+    assert after_restart.index(refusal) < after_restart.index(Exchange("GET", metadata_path, 200, None))
+    assert authorization_server.authorizations == [REQUIRED, ["mcp:tools", "projects:delete"]]
+    assert len(authorization_server.clients) == 1  # the stored registration is reused
     assert deployment.ran.count("delete_project") == 1
     assert_no_secret_logged(logs, deployment.secrets)
 
@@ -585,11 +620,10 @@ async def test_a_scope_the_server_never_grants_ends_in_an_error_not_a_loop(
     # One step-up, granted less than it asked for; the retry is refused again and the caller told.
     assert authorization_server.authorizations == [REQUIRED, ["mcp:tools", NEVER_GRANTED]]
     assert authorization_server.token_requests == [("authorization_code", REQUIRED)] * 2
-    refusals = [exchange for exchange in deployment.exchanges if exchange.status == 403]
+    refusals = deployment.refusals()
     assert len(refusals) == 2
     for refusal in refusals:
-        assert refusal.challenge is not None
-        assert parameters(refusal.challenge).items() >= challenge(f"mcp:tools {NEVER_GRANTED}", deployment).items()
+        assert_step_up_challenge(refusal.challenge, f"mcp:tools {NEVER_GRANTED}", deployment)
     assert "forbidden" not in deployment.ran
     assert_no_secret_logged(logs, deployment.secrets)
 
@@ -614,8 +648,7 @@ async def test_an_api_key_without_the_scope_is_refused_403_and_cannot_step_up(
         headers |= {"Mcp-Method": "tools/call", "Mcp-Name": "delete_project"}
     status, response_headers, body = raw_post(deployment.url, headers, call)
     assert status == 403
-    expected = challenge("mcp:tools projects:delete", deployment)
-    assert parameters(response_headers["www-authenticate"]).items() >= expected.items()
+    assert_step_up_challenge(response_headers.get("www-authenticate"), "mcp:tools projects:delete", deployment)
     assert json.loads(body).items() >= {"error": "insufficient_scope", "scope": "mcp:tools projects:delete"}.items()
 
     # Through the SDK's client with the key as a static header: what the key may do works, the rest is an error.
