@@ -20,11 +20,14 @@ import http.client
 import json
 import logging
 import secrets
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -73,6 +76,7 @@ WAIT = 60  # seconds any one test may take on a busy 2-core machine; a loop woul
 LEGACY = "2025-11-25"  # the initialize handshake generation
 MODERN = "2026-07-28"
 GENERATIONS = [MODERN, LEGACY]
+TS_CLIENT = Path(__file__).parent / "ts_client"  # the TypeScript SDK's client: step_up.mjs, pinned by its lockfile
 
 
 @pytest.fixture
@@ -111,10 +115,11 @@ class AuthorizationServer:
     kid: str = field(default_factory=lambda: secrets.token_hex(8))
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     codes: dict[str, Grant] = field(default_factory=dict)
-    refresh_tokens: dict[str, Grant] = field(default_factory=dict)
+    refresh_grants: dict[str, Grant] = field(default_factory=dict)
     authorizations: list[list[str]] = field(default_factory=list)  # the scopes each one asked for
     token_requests: list[tuple[str, list[str]]] = field(default_factory=list)  # (grant_type, scopes granted)
     issued: set[str] = field(default_factory=set)  # every secret handed out
+    refresh_tokens: bool = True  # whether token responses carry one
 
     def app(self) -> Starlette:
         return Starlette(
@@ -193,7 +198,7 @@ class AuthorizationServer:
             if grant is None or grant.redirect_uri != form.get("redirect_uri") or grant.code_challenge != challenge:
                 return JSONResponse({"error": "invalid_grant"}, status_code=400)
         elif form.get("grant_type") == "refresh_token":
-            grant = self.refresh_tokens.get(form.get("refresh_token", ""))
+            grant = self.refresh_grants.get(form.get("refresh_token", ""))
             if grant is None:
                 return JSONResponse({"error": "invalid_grant"}, status_code=400)
         else:
@@ -218,16 +223,13 @@ class AuthorizationServer:
             "jti": secrets.token_hex(16),
         }
         access_token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid, "typ": "at+jwt"})
-        refresh_token = secrets.token_urlsafe(32)
-        self.refresh_tokens[refresh_token] = Grant(grant.client_id, granted, grant.resource)
-        self.issued.update((access_token, refresh_token))
-        return {
-            "access_token": access_token,
-            "token_type": "Bearer",
-            "expires_in": 3600,
-            "scope": " ".join(granted),
-            "refresh_token": refresh_token,
-        }
+        answer = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600, "scope": " ".join(granted)}
+        self.issued.add(access_token)
+        if self.refresh_tokens:
+            answer["refresh_token"] = refresh_token = secrets.token_urlsafe(32)
+            self.refresh_grants[refresh_token] = Grant(grant.client_id, granted, grant.resource)
+            self.issued.add(refresh_token)
+        return answer
 
     async def jwks(self, request: Request) -> Response:
         public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
@@ -660,4 +662,86 @@ async def test_an_api_key_without_the_scope_is_refused_403_and_cannot_step_up(
     assert is_the_sdks_word_for_a_403(error), repr(error)
     assert deployment.ran.count("delete_project") == 0
     assert deployment.authorization_server.authorizations == []  # no OAuth: nowhere to step up to
+    assert_no_secret_logged(logs, deployment.secrets)
+
+
+def node_with_the_typescript_sdk() -> str:
+    """node, with ts_client's lockfile installed (npm ci, the first time), so that pytest alone runs this test."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "the TypeScript client tests need Node.js 20 or newer and npm on PATH"
+    installed = TS_CLIENT / "node_modules" / "@modelcontextprotocol"
+    if not ((installed / "client").is_dir() and (installed / "sdk").is_dir()):
+        npm_ci = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=TS_CLIENT, capture_output=True, text=True, timeout=300
+        )
+        assert npm_ci.returncode == 0, npm_ci.stderr[-2000:]
+    return node
+
+
+DELETE = [*REQUIRED, "projects:delete"]  # what the step-up for delete_project asks for
+UNION_WITH_NEVER = [*DELETE, NEVER_GRANTED]  # what a client that keeps its grants asks for forbidden
+
+
+@pytest.mark.parametrize(
+    ("package", "generation", "refresh_tokens", "authorizations", "refused_by"),
+    [
+        # v2 asks for the union and, since a refresh cannot widen a grant (RFC 6749 section 6), authorizes
+        # anew even with a refresh token in hand. forbidden costs one authorization per attempt, the app's
+        # retry included; the redirect that retry starts is the UnauthorizedError the caller sees.
+        (
+            "@modelcontextprotocol/client",
+            MODERN,
+            True,
+            [REQUIRED, DELETE, UNION_WITH_NEVER, UNION_WITH_NEVER],
+            "UnauthorizedError",
+        ),
+        (
+            "@modelcontextprotocol/client",
+            LEGACY,
+            True,
+            [REQUIRED, DELETE, UNION_WITH_NEVER, UNION_WITH_NEVER],
+            "UnauthorizedError",
+        ),
+        # v1 asks for the challenged scopes alone, so it steps up only because the challenge names all the
+        # operation needs, and the retry of forbidden meets the same challenge, where it stops. Holding a
+        # refresh token it refreshes instead of authorizing and gives up (typescript-sdk issue 2255), so
+        # its authorization server here issues none.
+        (
+            "@modelcontextprotocol/sdk",
+            LEGACY,
+            False,
+            [REQUIRED, DELETE, [*REQUIRED, NEVER_GRANTED]],
+            "StreamableHTTPError",
+        ),
+    ],
+    ids=["v2-client-2026-07-28", "v2-client-2025-11-25", "v1-sdk-2025-11-25"],
+)
+def test_the_typescript_sdk_clients_step_up_once_and_stop_at_a_scope_never_granted(
+    deployment: Deployment,
+    package: str,
+    generation: str,
+    refresh_tokens: bool,
+    authorizations: list[list[str]],
+    refused_by: str,
+    logs: list[logging.LogRecord],
+) -> None:
+    if generation == MODERN and MCP_MAJOR == 1:
+        pytest.skip("mcp 1.x servers speak no 2026-07-28")
+    node = node_with_the_typescript_sdk()
+    authorization_server = deployment.authorization_server
+    authorization_server.refresh_tokens = refresh_tokens
+    command = [node, "step_up.mjs", package, generation, deployment.url, authorization_server.issuer, REDIRECT_URI]
+    ran = subprocess.run(command, cwd=TS_CLIENT, capture_output=True, text=True, timeout=WAIT)
+    assert not any(secret in ran.stdout + ran.stderr for secret in deployment.secrets), "the client printed a secret"
+    assert ran.returncode == 0, ran.stdout + ran.stderr[-2000:]
+    report = json.loads(ran.stdout)
+
+    assert report["protocolVersion"] == generation
+    assert (report["list"], report["delete"]) == ("apollo gemini", "deleted apollo")
+    assert report["forbidden"]["name"] == refused_by
+    assert authorization_server.authorizations == authorizations
+    assert report["authorizations"] == len(authorizations)
+    assert deployment.ran.count("delete_project") == 1 and "forbidden" not in deployment.ran
+    for refusal in deployment.refusals():
+        assert refusal.challenge is not None and "insufficient_scope" in refusal.challenge
     assert_no_secret_logged(logs, deployment.secrets)
