@@ -7,8 +7,9 @@ section 5.1); the client re-authorizes for the union of what it holds and what w
 retries. Everything here is real: an OAuth 2.1 authorization server of our own (RFC 8414 metadata,
 RFC 7591 registration, PKCE, RFC 8707 resource indicators, RS256 JWTs signed with a key from
 ``cryptography``), the SDK's MCP server behind ``BearerAuthMiddleware``, both under uvicorn on free
-loopback ports, and the SDK's own ``OAuthClientProvider``. Only the person at the consent screen is
-stood in for: the authorization endpoint approves at once.
+loopback ports, and the SDK's own ``OAuthClientProvider`` (and the TypeScript SDK's clients, from
+ts_client/). Only the person at the consent screen is stood in for: the authorization endpoint
+approves at once.
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ def on_the_wire(app: Any, exchanges: list[Exchange]) -> Any:
 
     async def noted(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await app(scope, receive, send)
+            await app(scope, receive, send)
+            return
 
         async def note(message: Any) -> None:
             if message["type"] == "http.response.start":
