@@ -44,6 +44,7 @@ import abc
 import argparse
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -61,21 +62,26 @@ import math
 import os
 import re
 import secrets
+import shlex
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, ParamSpec, TypeGuard, TypeVar
 from urllib.parse import parse_qsl, quote_plus, unquote, urlencode, urlsplit
 
+__version__ = "0.2.0"
 __all__ = [
     "DEFAULT_EXCLUDED_PATHS",
+    "KEY_PREFIX",
     "AccessToken",
     "AuthenticationError",
     "BearerAuthMiddleware",
@@ -87,9 +93,12 @@ __all__ = [
     "Operation",
     "ProviderChain",
     "ProviderUnavailable",
+    "RedisStore",
+    "RevocationCheck",
     "StaticTokenProvider",
     "get_access_token",
     "main",
+    "new_api_key",
     "principal_key",
     "require_auth",
     "require_scopes",
@@ -115,9 +124,11 @@ _LOG_PROVIDER_RAISED = "token provider raised; request refused with 500\n%s"
 _LOG_PROVIDER_WRONG_TYPE = "token provider returned %s, not an AccessToken; request refused with 500"
 _LOG_PROVIDER_UNAVAILABLE = "token provider unavailable (%s); request refused with 503, Retry-After %d"
 _LOG_JWKS_FAILED = "JWKS fetch from %s failed (%s); keeping the last good key set, if any"
+_LOG_KEYS_FILE_BROKEN = "keys file %r cannot be used (%s); keeping the last good set of keys"
+_LOG_REFUSED = "token refused: %r"
 # Every field a client or an IdP supplies is quoted (%r): an encoded CR or LF in a path, a
 # forwarded address or a subject cannot forge a line of the trail.
-_LOG_AUDIT = "%s: %r %r from %r, principal %r"
+_LOG_AUDIT = "%s: %r %r from %r, principal %r%s"
 _LOG_NOT_BUILT = "BearerAuthMiddleware cannot be built, so nothing behind it can be served: %s: %s"
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -206,6 +217,15 @@ def _digest(token: str) -> bytes:
 
 
 _PROCESS_KEY = secrets.token_bytes(32)
+
+
+_refusal_reason: contextvars.ContextVar[str | None] = contextvars.ContextVar("mcp_bearer_refusal_reason", default=None)
+
+
+def _refused(reason: str) -> AccessToken | None:
+    """A provider's "no" (None) with its reason: operators read it (DEBUG, the audit trail), clients never."""
+    _refusal_reason.set(reason)
+    return None
 
 
 def _keyed_digest(token: str) -> str:
@@ -327,42 +347,219 @@ def _verifier(name: str, provider: object) -> Callable[[str], Awaitable[AccessTo
     return verify
 
 
+_REVOKED = "revoked (the deny list names its jti or its subject)"
 _API_KEYS = "mcp_bearer:api-key"  # the source of every API key's claims: never an IdP's issuer
 _UNNAMED_SOURCE = "mcp_bearer:provider"  # claims with neither a source nor an "iss"
 
 
+class _Key(NamedTuple):
+    """One API key as kept: its claims and scopes, its expiry, and its public id when it is one of ours."""
+
+    claims: _Claims
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    key_id: str | None
+
+
 class StaticTokenProvider(BearerAuthProvider):
-    """A fixed set of API keys: ``{token: claims}``; a ``"scopes"`` list in the claims becomes the scopes.
+    """A fixed set of API keys: ``{token: claims}``; a ``"scopes"`` list (or a ``"scope"`` string) becomes the scopes.
 
     Only SHA-256 digests of the tokens are kept. A presented token is hashed and
     looked up by digest, so lookup time depends on the digest, not on how many
-    leading characters of a real key the caller guessed.
+    leading characters of a real key the caller guessed. A key of ours (``mcpb_``) whose
+    checksum does not hold is refused before any lookup. :meth:`from_file` reads a keys
+    file (digests only, with expiry) or a plain tokens file, and follows its changes.
     """
 
     def __init__(self, tokens: Mapping[str, Mapping[str, Any]]) -> None:
         if not isinstance(tokens, Mapping):
             raise TypeError(f"tokens must be a mapping of token -> claims, not {type(tokens).__name__}")
-        self._by_digest: dict[bytes, tuple[_Claims, tuple[str, ...]]] = {}
-        # Errors say which entry by position, never by the token itself.
-        for position, (token, claims) in enumerate(tokens.items(), 1):
-            if not isinstance(token, str) or not _TOKEN68.fullmatch(token.encode("utf-8", "replace")):
-                raise ValueError(f"token #{position} is not a non-empty RFC 6750 token (A-Z a-z 0-9 -._~+/ then =)")
-            if not isinstance(claims, Mapping):
-                raise TypeError(f"claims of token #{position} must be a mapping, not {type(claims).__name__}")
-            scopes = claims.get("scopes", [])
-            if isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes):
-                raise TypeError(f'"scopes" of token #{position} must be a list of strings')
-            self._by_digest[_digest(token)] = (_Claims(claims), tuple(scopes))
+        self._by_digest = _plain_keys(tokens, "token")
+        self._file: _KeysFile | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, watch: bool = True) -> StaticTokenProvider:
+        """Keys from a file: a keys file (``{"keys": [records]}``, see ``mcp-bearer keys``) or a plain
+        ``{token: claims}`` one. With ``watch``, the file is checked at most once a second, off the event
+        loop, and a changed one replaces the whole set; a broken edit keeps the last good set (one ERROR).
+        """
+        keys_file = _KeysFile(os.fspath(path), watch=_flag("watch", watch))
+        provider = cls({})
+        provider._by_digest, provider._file = keys_file.load(), keys_file
+        return provider
 
     def __repr__(self) -> str:  # never a token, nor a digest of one
         return f"StaticTokenProvider({len(self._by_digest)} keys)"
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        if self._file is not None and self._file.due():
+            self._by_digest = await self._file.refreshed(self._by_digest)
+        key_id = _key_id(token)
+        if key_id == "":
+            return _refused("malformed API key (its checksum does not hold)")
         entry = self._by_digest.get(_digest(token))
         if entry is None:
+            return _refused(f"unknown or revoked API key {key_id}" if key_id else "unknown API key")
+        claims, scopes, expires_at, _ = entry
+        return AccessToken(token, claims.copy(), list(scopes), expires_at, _API_KEYS)
+
+
+# --- API keys of our own: made, listed and revoked by `mcp-bearer keys`, stored as digests --------------
+# mcpb_<12 hex: public id>_<32 base62: 190 bits of secret><6 base62: CRC-32 of the rest>. The prefix
+# and the checksum let secret scanners find leaked keys, and let a mistyped one be refused unlooked-up.
+
+KEY_PREFIX = "mcpb_"
+_KEY_SHAPE = re.compile(r"mcpb_([0-9a-f]{12})_[0-9A-Za-z]{32}([0-9A-Za-z]{6})")
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_KEYS_FILE_CHECK_SECONDS = 1.0
+
+
+def new_api_key() -> tuple[str, str]:
+    """A new key and its public id: the key is shown once and never stored, only its SHA-256."""
+    key_id = secrets.token_hex(6)
+    body = f"{KEY_PREFIX}{key_id}_{''.join(secrets.choice(_BASE62) for _ in range(32))}"
+    return body + _checksum(body), key_id
+
+
+def _checksum(body: str) -> str:
+    value = zlib.crc32(body.encode())
+    return "".join(_BASE62[value // 62**n % 62] for n in reversed(range(6)))
+
+
+def _key_id(token: str) -> str | None:
+    """The public id of one of our keys; "" for a token shaped like ours whose checksum fails; else None."""
+    if not token.startswith(KEY_PREFIX):
+        return None
+    shape = _KEY_SHAPE.fullmatch(token)
+    if shape is None or not hmac.compare_digest(_checksum(token[:-6]), shape[2]):
+        return ""
+    return shape[1]
+
+
+def _scopes_of(claims: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """A key's scopes: a ``"scopes"`` list, or a ``"scope"`` string as in OAuth (RFC 6749 section 3.3)."""
+    scopes = claims.get("scopes")
+    if scopes is None and isinstance(claims.get("scope"), str):
+        return tuple(_scope_list(claims["scope"]))
+    if scopes is None and "scope" not in claims:
+        return ()
+    if isinstance(scopes, str) or not isinstance(scopes, (list, tuple)) or not all(isinstance(x, str) for x in scopes):
+        raise TypeError(f'{where}: "scopes" must be a list of strings (or "scope" a space-separated string)')
+    return tuple(scopes)
+
+
+def _plain_keys(tokens: Mapping[Any, Any], what: str) -> dict[bytes, _Key]:
+    """``{token: claims}`` as digests; errors name the entry by position, never by the token itself."""
+    keys: dict[bytes, _Key] = {}
+    for position, (token, claims) in enumerate(tokens.items(), 1):
+        if not isinstance(token, str) or not _TOKEN68.fullmatch(token.encode("utf-8", "replace")):
+            raise ValueError(f"{what} #{position} is not a non-empty RFC 6750 token (A-Z a-z 0-9 -._~+/ then =)")
+        if not isinstance(claims, Mapping):
+            raise TypeError(f"claims of {what} #{position} must be a mapping, not {type(claims).__name__}")
+        scopes = _scopes_of(claims, f"{what} #{position}")
+        keys[_digest(token)] = _Key(_Claims(claims), scopes, None, _key_id(token) or None)
+    return keys
+
+
+def _recorded_keys(records: object, where: str) -> dict[bytes, _Key]:
+    """The records of a keys file as digests; errors name the record by position."""
+    if not isinstance(records, list):
+        raise ValueError(f'{where}: "keys" must be a list of key records')
+    keys: dict[bytes, _Key] = {}
+    for position, record in enumerate(records, 1):
+        at = f"{where}: key #{position}"
+        if not isinstance(record, dict) or not isinstance(record.get("claims", {}), dict):
+            raise ValueError(f"{at} must be an object with id, sha256, claims, scopes, created_at, expires_at")
+        digest, expires = record.get("sha256"), record.get("expires_at")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f'{at}: "sha256" must be the 64 hex digits of the key\'s SHA-256')
+        if not (expires is None or _is_number(expires)):
+            raise ValueError(f'{at}: "expires_at" must be Unix seconds or null')
+        claims = record.get("claims", {})
+        scopes = _scopes_of({**record, "scopes": record.get("scopes", claims.get("scopes"))}, at)
+        key_id = record.get("id")
+        keys[bytes.fromhex(digest)] = _Key(
+            _Claims(claims), scopes, expires, key_id if isinstance(key_id, str) else None
+        )
+    return keys
+
+
+def _read_keys(path: str) -> dict[bytes, _Key]:
+    """A keys file or a plain tokens file, read whole; ValueError (naming the file) for anything else."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f'{path} must hold a JSON object: {{token: claims}}, or a keys file {{"keys": [...]}}')
+    if isinstance(document.get("keys"), list):
+        keys = _recorded_keys(document["keys"], path)
+    else:
+        try:
+            keys = _plain_keys(document, f"{path}: token")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    if not keys:
+        raise ValueError(f"{path} holds no keys: a server nobody can use")
+    return keys
+
+
+class _KeysFile:
+    """A keys file over time: re-read, off the event loop, when it changes; a broken edit keeps the last good set."""
+
+    def __init__(self, path: str, *, watch: bool) -> None:
+        self.path = path
+        self._watch = watch
+        self._seen: tuple[int, int, int] | None = None
+        self._next_check = math.inf
+        self._check: concurrent.futures.Future[dict[bytes, _Key] | None] | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[bytes, _Key]:
+        try:
+            self._seen = self._stamp()
+            keys = _read_keys(self.path)
+        except OSError as exc:
+            raise ValueError(f"cannot read keys file {self.path!r}: {exc.strerror or exc}") from None
+        self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS if self._watch else math.inf
+        return keys
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next_check
+
+    async def refreshed(self, current: dict[bytes, _Key]) -> dict[bytes, _Key]:
+        """The key set as the file now has it, checked in a worker thread (concurrent requests share one check)."""
+        with self._lock:
+            if self._check is None or self._check.done():
+                self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS
+                self._check = _worker_pool().submit(self._reread)
+            check = self._check
+        try:
+            keys = await _result(check, 5.0)
+        except TimeoutError:
+            return current
+        return current if keys is None else keys
+
+    def _reread(self) -> dict[bytes, _Key] | None:
+        """In a worker thread: the new set if the file changed and reads well, else None (keep the current one)."""
+        try:
+            stamp = self._stamp()
+            if stamp == self._seen:
+                return None
+            keys = _read_keys(self.path)
+        except (OSError, ValueError) as exc:
+            if stamp != getattr(self, "_failed", None):  # one ERROR per broken version, not one per second
+                self._failed = stamp
+                logger.error(_LOG_KEYS_FILE_BROKEN, self.path, getattr(exc, "strerror", None) or exc)
             return None
-        claims, scopes = entry
-        return AccessToken(token, claims.copy(), list(scopes), None, _API_KEYS)
+        self._seen = stamp
+        return keys
+
+    def _stamp(self) -> tuple[int, int, int]:
+        status = os.stat(self.path)
+        return status.st_mtime_ns, status.st_size, status.st_ino
 
 
 # --- network: the one helper that touches it ------------------------------------
@@ -777,8 +974,8 @@ class JWTProvider(BearerAuthProvider):
             raise TypeError(f"key must be a PEM public key or an HMAC secret (str/bytes), not {type(key).__name__}")
         else:
             self._static_keys = {algorithm: self._prepared_key(algorithm, key) for algorithm in self._algorithms}
-        # header segment -> (alg, kid), or None for a header we refuse: parsed once per distinct header.
-        self._headers: dict[str, tuple[str, str | None] | None] = {}
+        # header segment -> (alg, kid), or why it is refused: parsed once per distinct header.
+        self._headers: dict[str, tuple[str, str | None] | str] = {}
 
     def _prepared_key(self, algorithm: str, key: str | bytes) -> Any:
         """The key object PyJWT verifies ``algorithm`` with; messages never quote the key."""
@@ -807,19 +1004,20 @@ class JWTProvider(BearerAuthProvider):
 
     async def verify_token(self, token: str) -> AccessToken | None:
         header = self._header(token)
-        if header is None:  # not a JWS we accept: no key lookup, no fetch (an API key in a chain never waits)
-            return None
+        if isinstance(header, str):  # not a JWS we accept: no key lookup, no fetch (an API key never waits)
+            return _refused(header)
         algorithm, kid = header
         if self._jwks is None:
             key = self._static_keys.get(algorithm)
         else:
             key = self._jwks.cached_key(kid, algorithm)
             if key is _UNKNOWN_KID:
-                if not self._from_our_issuer(token):  # another issuer's token never waits on our JWKS
-                    return None
+                issuer = self._unverified_issuer(token)
+                if issuer is not None:  # another issuer's token never waits on our JWKS
+                    return _refused(f"wrong issuer {issuer!r}")
                 key = await self._jwks.fetched_key(kid, algorithm)
         if key is None:
-            return None
+            return _refused(f"unknown key id {kid!r} for {algorithm}" if kid is not None else "no kid, and no sole key")
         try:
             claims: dict[str, Any] = self._jwt.decode(
                 token,
@@ -830,18 +1028,38 @@ class JWTProvider(BearerAuthProvider):
                 leeway=self._leeway,
                 options=self._options,
             )
-        except self._jwt.PyJWTError:
-            return None
+        except self._jwt.PyJWTError as exc:
+            return _refused(self._why(exc, token))
         scopes = _scopes(claims)
         expires = claims.get("exp")
         if expires is not None and not _is_number(expires):
-            return None  # PyJWT reads "exp": "123" as a number; an RFC 7519 NumericDate is a JSON number
-        if scopes is None or "nonce" in claims:  # OIDC Core 2: a nonce is an ID token's, never an access token's
-            return None
+            return _refused("malformed: exp is no number")  # PyJWT reads "exp": "123" as one; RFC 7519 does not
+        if scopes is None:
+            return _refused("malformed: scope is neither a string nor a list of strings")
+        if "nonce" in claims:  # OIDC Core 2: a nonce is an ID token's, never an access token's
+            return _refused("an ID token (it has a nonce), not an access token")
         # exp + leeway: the middleware refuses at the same instant PyJWT would.
         return AccessToken(token, claims, scopes, None if expires is None else expires + self._leeway)
 
-    def _header(self, token: str) -> tuple[str, str | None] | None:
+    def _why(self, error: Exception, token: str) -> str:
+        """What PyJWT refused, in an operator's words; the wrong issuer is named, quoted, as the token had it."""
+        jwt = self._jwt
+        if isinstance(error, jwt.InvalidIssuerError):
+            claims = _json_segment(token.split(".")[1])
+            return f"wrong issuer {claims.get('iss') if isinstance(claims, dict) else None!r}"
+        reasons = (
+            (jwt.ExpiredSignatureError, "expired"),
+            (jwt.ImmatureSignatureError, "not yet valid (nbf or iat in the future)"),
+            (jwt.InvalidAudienceError, "wrong audience"),
+            (jwt.InvalidSignatureError, "bad signature"),
+            (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+            (jwt.MissingRequiredClaimError, f"missing claim {getattr(error, 'claim', '?')!r}"),
+        )
+        return next(
+            (reason for kind, reason in reasons if isinstance(error, kind)), f"malformed ({type(error).__name__})"
+        )
+
+    def _header(self, token: str) -> tuple[str, str | None] | str:
         """The pinned algorithm and the key id of a compact JWS (RFC 7515 section 7.1), else None.
 
         Three non-empty base64url segments and nothing else: a token PyJWT would also read
@@ -849,9 +1067,9 @@ class JWTProvider(BearerAuthProvider):
         entry). Headers repeat across an issuer's tokens, so each distinct one is read once.
         """
         if not token.isascii() or token.encode().translate(None, _BASE64URL) != b"..":
-            return None
+            return "not a JWT (no compact JWS: three base64url segments)"
         if token[0] == "." or token[-1] == "." or ".." in token:
-            return None
+            return "not a JWT (an empty segment)"
         segment = token[: token.index(".")]
         try:
             return self._headers[segment]
@@ -863,28 +1081,32 @@ class JWTProvider(BearerAuthProvider):
         self._headers[segment] = header
         return header
 
-    def _read_header(self, segment: str) -> tuple[str, str | None] | None:
+    def _read_header(self, segment: str) -> tuple[str, str | None] | str:
         header = _json_segment(segment)
-        if not isinstance(header, dict) or "crit" in header:
-            return None
+        if not isinstance(header, dict):
+            return "malformed JWS header"
         algorithm, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
+        if "crit" in header:
+            return "crit header: an extension we do not understand (RFC 7515 4.1.11)"
         if not isinstance(algorithm, str) or algorithm not in self._algorithms:  # the header never chooses
-            return None
+            return f"algorithm not allowed: {algorithm!r}"
         if kid is not None and not isinstance(kid, str):
-            return None
+            return "malformed kid"
         if self._typ is not None and (
             not isinstance(typ, str) or typ.lower().removeprefix("application/") != self._typ
-        ):
-            return None  # RFC 9068 section 4 / RFC 8725 section 3.11: explicit typing, compared case-insensitively
+        ):  # RFC 9068 section 4 / RFC 8725 section 3.11: explicit typing, compared case-insensitively
+            return f"typ {typ!r}, not {self._typ!r}"
         return algorithm, kid
 
-    def _from_our_issuer(self, token: str) -> bool:
-        """Whether the token's unverified ``iss`` is one we accept: read only before fetching keys for it."""
+    def _unverified_issuer(self, token: str) -> object:
+        """The token's unverified ``iss`` if it is not one we accept (read only before fetching keys), else None."""
         claims = _json_segment(token.split(".")[1])
-        issuer = claims.get("iss") if isinstance(claims, dict) else None
+        if not isinstance(claims, dict):
+            return "(unreadable claims)"
+        issuer = claims.get("iss")
         if issuer is None:
-            return not self._issuer_required and isinstance(claims, dict)
-        return issuer in self._issuer
+            return "(none)" if self._issuer_required else None
+        return None if issuer in self._issuer else issuer
 
 
 def _json_segment(segment: str) -> Any:
@@ -1009,13 +1231,13 @@ class IntrospectionProvider(BearerAuthProvider):
             raise ProviderUnavailable("introspection endpoint answered something other than an RFC 7662 response")
         assert isinstance(answer, dict)
         if answer.get("active") is not True:  # RFC 7662 2.2: only the JSON literal true is active
-            return None
+            return _refused("inactive (introspection)")
         if _is_refresh_token(answer):  # RFC 8725 3.12 in spirit: a refresh token is no access token
-            return None
+            return _refused("a refresh token (introspection), not an access token")
         if self._audience is not None:
             audience = answer.get("aud")
             if not (audience == self._audience or (isinstance(audience, list) and self._audience in audience)):
-                return None  # RFC 7662 section 4: a token issued for another resource server
+                return _refused("wrong audience (introspection)")  # RFC 7662 4: issued for another resource server
         return AccessToken(token, answer, _scope_list(scope), None if expires is None else float(expires))
 
 
@@ -1052,6 +1274,9 @@ class CachedProvider(BearerAuthProvider):
       a verdict, or the exception (a verdict that cannot be kept is one) the first caller got.
     - Exceptions (:class:`ProviderUnavailable` included: "cannot tell yet") are never kept.
     - At most ``max_entries``, oldest first. ``invalidate(token)`` forgets one (revocation), ``clear()`` all.
+    - With a :class:`RedisStore`, verdicts are shared by every replica (this cache in front), and
+      ``invalidate``/``clear`` reach them all within a second; every verdict, fresh or cached, is
+      checked against the store's deny list. Concurrent first requests cost one call per replica.
     """
 
     def __init__(
@@ -1062,8 +1287,13 @@ class CachedProvider(BearerAuthProvider):
         negative_ttl: float = 0.0,
         max_entries: int = 10_000,
         max_negative_entries: int | None = None,
+        store: RedisStore | None = None,
     ) -> None:
         self._verify = _verifier("provider", provider)
+        if store is not None and not isinstance(store, RedisStore):
+            raise TypeError(f"store must be a RedisStore or None, not {type(store).__name__}")
+        self._store = store
+        self._applied = 0  # the store's events (other replicas' invalidations) applied here
         self._ttl = _seconds("ttl", ttl)
         self._negative_ttl = _seconds("negative_ttl", negative_ttl, zero=True)
         self._max_entries = _positive_int("max_entries", max_entries)
@@ -1082,12 +1312,16 @@ class CachedProvider(BearerAuthProvider):
         return f"CachedProvider({entries} entries, ttl={self._ttl}, negative_ttl={self._negative_ttl})"
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        store = self._store
+        if store is not None and store.version != self._applied:
+            self._apply(store)
         key = _digest(token)
         entry = self._entries.get(key)
         if entry is not None:
             deadline, (claims, scopes, expires_at, source) = entry
             if time.monotonic() < deadline:
-                return AccessToken(token, claims.copy(), list(scopes), expires_at, source)
+                access = AccessToken(token, claims.copy(), list(scopes), expires_at, source)
+                return access if store is None or not store.revokes(access) else _refused(_REVOKED)
             del self._entries[key]
         if self._refused:
             refused_until = self._refused.get(key)
@@ -1105,9 +1339,14 @@ class CachedProvider(BearerAuthProvider):
         flight = self._flights[key] = concurrent.futures.Future()
         generation = self._generation
         try:
-            access = await self._verify(token)
+            if self._store is None:
+                access, left = await self._verify(token), math.inf
+            else:
+                access, left = await self._shared_verdict(key, token)
             if generation == self._generation:
-                self._keep(key, access)
+                self._keep(key, access, left)
+            if self._store is not None and isinstance(access, AccessToken) and await self._store.check(access):
+                access = _refused(_REVOKED)
             shared = _own_access(token, access)  # a snapshot: this request's app may change its own
         except Exception as exc:  # shared with the requests waiting on this flight, never kept
             flight.set_exception(exc)
@@ -1120,20 +1359,73 @@ class CachedProvider(BearerAuthProvider):
         flight.set_result(shared)
         return access
 
-    def _keep(self, key: bytes, access: AccessToken | None) -> None:
+    async def _shared_verdict(self, key: bytes, token: str) -> tuple[AccessToken | None, float]:
+        """Another replica's verdict from the store (and the seconds it has left), else the provider's, then
+        shared. Redis down: the provider's, kept here only."""
+        assert self._store is not None
+        kept = await self._store.verdict(key)
+        if kept is not None:
+            left, record = kept
+            if record is None:
+                return _refused("refused on another replica (a shared negative verdict)"), left
+            claims, scopes, expires_at, source = (record.get(k) for k in ("claims", "scopes", "expires_at", "source"))
+            if isinstance(claims, dict) and isinstance(scopes, list) and (expires_at is None or _is_number(expires_at)):
+                return AccessToken(token, claims, scopes, expires_at, source if isinstance(source, str) else None), left
+        access = await self._verify(token)
+        ttl = self._ttl_for(access)
+        if ttl > 0:
+            record = (
+                None
+                if access is None
+                else {
+                    "claims": access.claims,
+                    "scopes": access.scopes,
+                    "expires_at": access.expires_at,
+                    "source": access.source,
+                }
+            )
+            await self._store.keep(key, record, ttl)
+        return access, math.inf
+
+    def _ttl_for(self, access: object) -> float:
+        """How long a verdict may be kept: ttl, negative_ttl for "no", never past the token's own expiry."""
+        if access is None:
+            return self._negative_ttl
+        if not isinstance(access, AccessToken):
+            return 0.0
+        if access.expires_at is None:
+            return self._ttl
+        left = access.expires_at - time.time()  # NaN counts as expired
+        return min(self._ttl, left) if left > 0 else 0.0
+
+    def _apply(self, store: RedisStore) -> None:
+        """Other replicas' invalidations and clears, as the store's reader saw them."""
+        events = list(store.events)  # one C-level copy: the reader thread may append meanwhile
+        if not events or events[0][0] > self._applied + 1:  # missed some: forget everything, the safe side
+            self._entries.clear()
+            self._refused.clear()
+        for version, digest in events:
+            if version > self._applied and digest is None:
+                self._entries.clear()
+                self._refused.clear()
+            elif version > self._applied and digest is not None:
+                self._entries.pop(digest, None)
+                self._refused.pop(digest, None)
+        self._applied = events[-1][0] if events else store.version
+        self._generation += 1  # a verdict being fetched now may predate them: not kept
+
+    def _keep(self, key: bytes, access: AccessToken | None, left: float) -> None:
+        """Remember a verdict here, for its TTL, and at most the ``left`` seconds a shared one still has."""
         now = time.monotonic()
         if access is None:
             if self._negative_ttl > 0:
-                self._refused[key] = now + self._negative_ttl
+                self._refused[key] = now + min(self._negative_ttl, left)
                 if len(self._refused) > self._max_refused:
                     del self._refused[next(iter(self._refused))]
             return
         if not isinstance(access, AccessToken):
             return  # not a verdict: the middleware answers it with 500
-        ttl = self._ttl
-        if access.expires_at is not None:  # never past the token's own expiry; NaN counts as expired
-            left = access.expires_at - time.time()
-            ttl = min(ttl, left) if left > 0 else 0
+        ttl = min(self._ttl_for(access), left)
         verdict = _Verdict(_Claims(access.claims), tuple(access.scopes), access.expires_at, access.source)
         if ttl > 0:
             self._entries[key] = (now + ttl, verdict)
@@ -1141,16 +1433,23 @@ class CachedProvider(BearerAuthProvider):
                 del self._entries[next(iter(self._entries))]
 
     def invalidate(self, token: str) -> None:
-        """Forget one token's verdict (say, it was revoked); a verdict being fetched now is not kept either."""
+        """Forget one token's verdict (say, it was revoked); a verdict being fetched now is not kept either.
+
+        With a store, every replica forgets it within a second.
+        """
         key = _digest(token)
         self._entries.pop(key, None)
         self._refused.pop(key, None)
         self._generation += 1
+        if self._store is not None:
+            self._store.invalidate(key)
 
     def clear(self) -> None:
         self._entries.clear()
         self._refused.clear()
         self._generation += 1
+        if self._store is not None:
+            self._store.invalidate(None)
 
 
 def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
@@ -1182,6 +1481,308 @@ class ProviderChain(BearerAuthProvider):
                     access.source = f"{_UNNAMED_SOURCE}#{position}"
                 return access
         return None
+
+
+# --- many replicas, one truth: verdicts, revocations and failure counts in Redis -------------
+
+_LOG_STORE_DOWN = "Redis store %s unreachable (%s): verdicts are asked of the provider; the deny list %s"
+_LOG_STORE_UP = "Redis store %s reachable again"
+_STORE_POLL_SECONDS = 0.5  # how often each replica reads the deny list, invalidations and throttled addresses
+_DENY_LIST_STALE_SECONDS = 2.0  # an older copy cannot tell a revoked token from a good one
+_MAX_STORE_EVENTS = 1024  # invalidations remembered for caches that have not yet applied them
+
+
+def _import_redis() -> Any:
+    """The redis client, imported when a RedisStore is built, never at module import."""
+    try:
+        return importlib.import_module("redis")
+    except ImportError:
+        raise ImportError("RedisStore needs the redis client: pip install redis") from None
+
+
+class RedisStore:
+    """State shared by every replica, in Redis: verdicts (:class:`CachedProvider`), a deny list (revoked
+    ``jti`` values and subjects) and the throttle's failure counts (``BearerAuthMiddleware(store=...)``).
+
+    The one place that talks to Redis, through the ``redis`` client. Every call runs in a worker
+    thread, bounded by ``timeout``, so no event loop (asyncio or trio) ever waits on the network. A
+    background thread reads what changed every half second and keeps a local copy, so checking a
+    verdict against the deny list costs no round trip. Keys are SHA-256 digests: no token is ever
+    written. The URL may hold a password: it is never logged nor part of ``repr``.
+
+    When Redis cannot be reached, verdicts are asked of the provider (slower, never wrong), failure
+    counts stay per replica, and the deny list fails closed (503 with Retry-After) unless
+    ``use_last_deny_list`` lets the last copy decide; one WARNING per outage, recovery on its own.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mcp_bearer:",
+        timeout: float = 0.5,
+        max_token_lifetime: float = 86400.0,
+        use_last_deny_list: bool = False,
+    ) -> None:
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "url must be a redis://, rediss:// or unix:// URL"
+            )  # never the URL: it may hold a password
+        parts = urlsplit(url)
+        self._where = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        self._prefix = _checked_text("prefix", prefix, header=True)
+        self._timeout = _seconds("timeout", timeout)
+        self._max_lifetime = _seconds("max_token_lifetime", max_token_lifetime)
+        self._use_last = _flag("use_last_deny_list", use_last_deny_list)
+        redis = _import_redis()
+        retry = importlib.import_module("redis.retry").Retry(importlib.import_module("redis.backoff").NoBackoff(), 0)
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, retry=retry
+        )
+        self._jtis: dict[str, float] = {}  # revoked jti -> until (Unix seconds)
+        self._subjects: dict[tuple[str, str], float] = {}  # (issuer, subject) -> tokens issued before are revoked
+        self.throttled: dict[str, float] = {}  # address digest -> throttled until (Unix seconds)
+        self._deny_version: bytes | None = b"unread"
+        self._since = time.time()  # invalidations read up to here
+        self.generation: bytes = b"0"  # of shared verdicts: clear() moves every replica to a new one
+        self.events: collections.deque[tuple[int, bytes | None]] = collections.deque(maxlen=_MAX_STORE_EVENTS)
+        self.version = 0  # counts events: caches compare it with what they applied, per request, for free
+        self._synced_at = -math.inf
+        self._down = False
+        self._lock = threading.Lock()
+        self._poller: threading.Thread | None = None
+        self._first_poll: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stop = threading.Event()
+
+    def __repr__(self) -> str:  # never the URL's password
+        return f"RedisStore({self._where!r}, prefix={self._prefix!r})"
+
+    def close(self) -> None:
+        """Stop the background reader (for tests and shutdown); the store is not used after this."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(self._timeout * 4 + _STORE_POLL_SECONDS)
+
+    # -- the deny list -----------------------------------------------------------------
+
+    def revoke_jti(self, jti: str, *, until: float) -> None:
+        """Refuse the token with this ``jti`` everywhere, until ``until`` (its ``exp``, Unix seconds)."""
+        self._change_deny(f"jti:{_checked_text('jti', jti, header=False)}", {"until": _seconds("until", until)})
+
+    def revoke_subject(self, issuer: str, subject: str, *, before: float | None = None) -> None:
+        """Sign a user out everywhere: tokens of (issuer, subject) issued before ``before`` (default: now).
+
+        API keys have no issuer of their own: their issuer is ``mcp_bearer:api-key``. Kept until such
+        tokens would have expired anyway (``max_token_lifetime`` after ``before``).
+        """
+        moment = time.time() if before is None else _seconds("before", before)
+        name = "sub:" + json.dumps(
+            [_checked_text("issuer", issuer, header=False), _checked_text("subject", subject, header=False)]
+        )
+        self._change_deny(name, {"before": moment, "until": moment + self._max_lifetime})
+
+    def _change_deny(self, name: str, entry: dict[str, float]) -> None:
+        """A change to the shared deny list; raises OSError where Redis cannot take it (the operator must know)."""
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(self._key("deny"), name, json.dumps(entry))
+            pipe.incr(self._key("deny-version"))
+            pipe.execute()
+        except self._errors() as exc:
+            raise OSError(f"the revocation could not be written to {self._where}: {type(exc).__name__}") from None
+
+    async def check(self, access: AccessToken) -> bool:
+        """Whether the deny list revokes this verdict; ProviderUnavailable when no recent copy can tell."""
+        if self._poller is None or not self._first_poll.done():
+            self._start()
+            with contextlib.suppress(TimeoutError):
+                await _result(self._first_poll, self._timeout * 2)
+        return self.revokes(access)
+
+    def revokes(self, access: AccessToken) -> bool:
+        if time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS and not self._use_last:
+            raise ProviderUnavailable("the deny list cannot be read from Redis", retry_after=_DENY_LIST_STALE_SECONDS)
+        if not self._jtis and not self._subjects:
+            return False
+        claims = access.claims if isinstance(access.claims, Mapping) else {}
+        jti, subject, issued = claims.get("jti"), claims.get("sub"), claims.get("iat")
+        if isinstance(jti, str) and jti in self._jtis:
+            return True
+        issuer = access.source or _claimed_issuer(access) or _UNNAMED_SOURCE
+        before = self._subjects.get((issuer, subject)) if isinstance(subject, str) else None
+        return before is not None and not (_is_number(issued) and issued >= before)
+
+    # -- shared verdicts (CachedProvider) ----------------------------------------------
+
+    async def verdict(self, digest: bytes) -> tuple[float, dict[str, Any] | None] | None:
+        """A verdict another replica kept: (seconds left, its record, or None for "no"); None if there is none."""
+        key = self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
+        answer = await self._call(lambda: self._client.pipeline(transaction=False).get(key).pttl(key).execute())
+        if not answer or answer[0] is None or answer[1] is None or answer[1] <= 0:
+            return None
+        try:
+            record = json.loads(answer[0])
+        except (ValueError, RecursionError):
+            return None
+        return answer[1] / 1000, record if isinstance(record, dict) else None
+
+    async def keep(self, digest: bytes, record: dict[str, Any] | None, ttl: float) -> None:
+        """Share a verdict (None: a "no") for ``ttl`` seconds; claims that are not JSON stay local."""
+        try:
+            value = json.dumps(record if record is not None else "no", allow_nan=False)
+        except (TypeError, ValueError):
+            return
+        key = self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
+        await self._call(lambda: self._client.set(key, value, px=max(1, int(ttl * 1000))))
+
+    def invalidate(self, digest: bytes | None) -> None:
+        """Forget a verdict on every replica (None: all of them), within a second; written in a worker thread."""
+        _worker_pool().submit(self._guarded, self._invalidate, digest)
+
+    def _invalidate(self, digest: bytes | None) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        if digest is None:
+            pipe.incr(self._key("generation"))
+        else:
+            pipe.delete(self._key(f"verdict:{self.generation.decode()}:{digest.hex()}"))
+            now = time.time()
+            pipe.zadd(self._key("invalidated"), {digest.hex(): now})
+            pipe.zremrangebyscore(self._key("invalidated"), 0, now - 60)
+        pipe.execute()
+
+    # -- the throttle's failure counts -------------------------------------------------
+
+    def count_failure(self, address: str, window: float, max_failures: int) -> None:
+        """Count a refused token of this address on every replica; past the budget, throttle it everywhere."""
+        self._start()
+        _worker_pool().submit(self._guarded, self._count_failure, address, window, max_failures)
+
+    def _count_failure(self, address: str, window: float, max_failures: int) -> None:
+        name = hashlib.sha256(address.encode()).hexdigest()[:32]  # an address is the client's; never a key as is
+        key, now = self._key(f"failures:{name}"), time.time()
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zadd(key, {secrets.token_hex(8): now})
+        pipe.zremrangebyscore(key, 0, now - window)
+        pipe.zrange(key, 0, 0, withscores=True)
+        pipe.zcard(key)
+        pipe.pexpire(key, int(window * 1000) + 1000)
+        _, _, oldest, count, _ = pipe.execute()
+        if count >= max_failures and oldest:
+            until = oldest[0][1] + window
+            self.throttled[name] = until
+            self._client.hset(self._key("throttled"), name, until)
+
+    def throttled_until(self, address: str) -> float:
+        """When a throttle decided on another replica ends for this address (Unix seconds); 0 for none."""
+        if not self.throttled:
+            return 0.0
+        return self.throttled.get(hashlib.sha256(address.encode()).hexdigest()[:32], 0.0)
+
+    # -- the background reader ---------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._poller is None:
+                self._poller = threading.Thread(target=self._run, name="mcp_bearer-redis", daemon=True)
+                self._poller.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._guarded(self._poll)
+            if not self._first_poll.done():
+                self._first_poll.set_result(None)
+            self._stop.wait(_STORE_POLL_SECONDS)
+
+    def _poll(self) -> None:
+        """One read of what changed: the deny list (when its version moved), invalidations, throttled addresses."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.mget(self._key("deny-version"), self._key("generation"))
+        pipe.zrangebyscore(self._key("invalidated"), self._since, "+inf", withscores=True)
+        pipe.hgetall(self._key("throttled"))
+        (deny_version, generation), invalidated, throttled = pipe.execute()
+        if deny_version != self._deny_version:
+            self._install_deny(self._client.hgetall(self._key("deny")))
+            self._deny_version = deny_version
+        now = time.time()
+        self.throttled = {name.decode(): float(until) for name, until in throttled.items() if float(until) > now}
+        generation = generation or b"0"
+        if generation != self.generation:
+            self.generation = generation
+            self._event(None)
+        for member, score in invalidated:
+            self._event(bytes.fromhex(member.decode()))
+            self._since = max(self._since, score)
+        self._synced_at = time.monotonic()
+        if self._down:
+            self._down = False
+            logger.info(_LOG_STORE_UP, self._where)
+
+    def _install_deny(self, entries: Mapping[bytes, bytes]) -> None:
+        now = time.time()
+        jtis: dict[str, float] = {}
+        subjects: dict[tuple[str, str], float] = {}
+        for name_bytes, value in entries.items():
+            entry = json.loads(value)
+            if entry["until"] <= now:
+                continue  # the tokens it covers have expired anyway
+            name = name_bytes.decode()
+            if name.startswith("jti:"):
+                jtis[name[4:]] = entry["until"]
+            else:
+                issuer, subject = json.loads(name[4:])
+                subjects[(issuer, subject)] = entry["before"]
+        self._jtis, self._subjects = jtis, subjects
+
+    def _event(self, digest: bytes | None) -> None:
+        self.events.append((self.version + 1, digest))
+        self.version += 1
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return self._prefix + name
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (importlib.import_module("redis.exceptions").RedisError, OSError, ValueError, KeyError, TypeError)
+
+    def _guarded(self, call: Callable[..., None], *args: Any) -> None:
+        """In a worker thread: a call whose failure is an outage (logged once), never an exception."""
+        try:
+            call(*args)
+        except self._errors() as exc:
+            if not self._down:
+                self._down = True
+                fallback = "uses its last copy" if self._use_last else "refuses with 503 until it is read again"
+                logger.warning(_LOG_STORE_DOWN, self._where, type(exc).__name__, fallback)
+
+    async def _call(self, call: Callable[[], Any]) -> Any:
+        """One bounded call in a worker thread; None where Redis does not answer in time."""
+        future = _worker_pool().submit(self._answer, call)
+        try:
+            return await _result(future, self._timeout * 2)
+        except TimeoutError:
+            return None
+
+    def _answer(self, call: Callable[[], Any]) -> Any:
+        result: list[Any] = []
+        self._guarded(lambda: result.append(call()))
+        return result[0] if result else None
+
+
+class RevocationCheck(BearerAuthProvider):
+    """A provider's verdicts, checked against a :class:`RedisStore`'s deny list (for a provider with no cache)."""
+
+    def __init__(self, provider: BearerAuthProvider, store: RedisStore) -> None:
+        self._verify = _verifier("provider", provider)
+        if not isinstance(store, RedisStore):
+            raise TypeError(f"store must be a RedisStore, not {type(store).__name__}")
+        self._store = store
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        access = await self._verify(token)
+        if isinstance(access, AccessToken) and await self._store.check(access):
+            return _refused(_REVOKED)
+        return access
 
 
 # --- context helpers ----------------------------------------------------------
@@ -1221,8 +1822,10 @@ class _ScopeHierarchy:
 
     def effective(self, granted: object) -> frozenset[str]:
         """The scopes a grant amounts to; a grant that is not a list of strings amounts to none."""
-        if isinstance(granted, str) or not isinstance(granted, (list, tuple, set, frozenset)):
-            return frozenset()
+        if not isinstance(granted, (list, tuple, set, frozenset)):
+            return frozenset()  # a str too: "read write" is no list of scopes
+        if not self._closure:
+            return frozenset(granted)  # anything that is no str never equals a needed scope
         scopes: set[str] = set()
         for scope in granted:
             if isinstance(scope, str):
@@ -1360,6 +1963,12 @@ class _Refusals:
             400, "invalid_request", "Request body is not a JSON-RPC message this server can read", challenge=False
         )
         self.too_large = self._refusal(413, "request_too_large", "Request body is too large", challenge=False)
+        self.no_oauth = self._refusal(
+            404, "not_found", "No OAuth here: send an API key as Authorization: Bearer <key>", challenge=False
+        )
+        self.too_many = self._refusal(
+            429, "too_many_requests", "Too many refused tokens from this address; retry later", challenge=False
+        )
         self._insufficient: dict[tuple[str, ...], _Response] = {self._scopes: self.insufficient_scope}
 
     def _refusal(
@@ -1394,8 +2003,69 @@ class _Refusals:
         return refusal
 
     def unavailable_for(self, seconds: int) -> _Response:
-        status, headers, body, error = self.unavailable
-        return _Response(status, (*headers, (b"retry-after", b"%d" % seconds)), body, error)
+        return _retry_later(self.unavailable, seconds)
+
+
+def _retry_later(refusal: _Response, seconds: int) -> _Response:
+    """A refusal with RFC 9110 section 10.2.3 Retry-After (503, 429)."""
+    status, headers, body, error = refusal
+    return _Response(status, (*headers, (b"retry-after", b"%d" % seconds)), body, error)
+
+
+_MAX_TRACKED = 10_000  # client addresses (and accepted tokens) the throttle remembers, oldest forgotten first
+
+
+class _Throttle:
+    """Token guessing, slowed down: a client address whose tokens were refused ``max_failures`` times within
+    ``failure_window`` seconds gets 429 for further token-bearing requests until the window has passed,
+    and the provider is not asked (a spray costs a token service at most that many calls per window).
+
+    A token accepted within the window is never throttled, so a valid user behind the same NAT keeps
+    working. The address is ``scope["client"]``, so behind a proxy the server must set it from the
+    forwarded header (uvicorn: ``--proxy-headers --forwarded-allow-ips``). Bounded: oldest forgotten.
+    """
+
+    def __init__(self, max_failures: int, window: float, refusals: _Refusals, store: RedisStore | None) -> None:
+        self._max_failures = max_failures
+        self._window = window
+        self._store = store
+        self._too_many = refusals.too_many
+        self._failures: dict[str, collections.deque[float]] = {}  # address -> times of its latest refusals
+        self._accepted: dict[bytes, float] = {}  # token digest -> when last accepted
+
+    def refusal(self, scope: Scope, token: str) -> _Response | None:
+        address = _address(scope)
+        times = self._failures.get(address)
+        now = time.monotonic()
+        wait = times[0] + self._window - now if times is not None and len(times) == self._max_failures else 0.0
+        if self._store is not None:  # the budget of every replica together, as the store's reader last saw it
+            wait = max(wait, self._store.throttled_until(address) - time.time())
+        accepted = self._accepted.get(_digest(token))
+        if wait <= 0 or (accepted is not None and now - accepted < self._window):
+            return None
+        return _retry_later(self._too_many, math.ceil(wait))
+
+    def failed(self, scope: Scope) -> None:
+        address = _address(scope)
+        if self._store is not None:
+            self._store.count_failure(address, self._window, self._max_failures)
+        times = self._failures.pop(address, None) or collections.deque(maxlen=self._max_failures)
+        times.append(time.monotonic())
+        self._failures[address] = times  # re-inserted: the least recently refused address goes first
+        if len(self._failures) > _MAX_TRACKED:
+            del self._failures[next(iter(self._failures))]
+
+    def accepted(self, token: str) -> None:
+        digest = _digest(token)
+        self._accepted.pop(digest, None)
+        self._accepted[digest] = time.monotonic()
+        if len(self._accepted) > _MAX_TRACKED:
+            del self._accepted[next(iter(self._accepted))]
+
+
+def _address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "(unknown)"
 
 
 def _retry_after(seconds: object) -> int:
@@ -1590,6 +2260,22 @@ def _sse_endpoint(stream: bytes) -> str | None:
     return None
 
 
+# Where OAuth clients look for an authorization server (RFC 8414, OIDC Discovery, RFC 9728, and the
+# 2025-03-26 MCP fallback's /register). Without resource= there is none: a 404, not a 401 that
+# clients report as "registration rejected" for what is a mistyped key.
+_OAUTH_DISCOVERY = (
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration",
+    PROTECTED_RESOURCE_METADATA_PATH,
+)
+
+
+def _is_oauth_discovery(path: str) -> bool:
+    return (
+        path == "/register" or path.startswith(_OAUTH_DISCOVERY) or path.endswith("/.well-known/openid-configuration")
+    )
+
+
 def _excluded_paths(paths: object) -> tuple[str, ...]:
     excluded = _strings("exclude_paths", paths)
     for path in excluded:
@@ -1644,9 +2330,13 @@ _NAMED_BY = {
     "resources/unsubscribe": "uri",
 }
 _BASE64_SENTINEL = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
-_ROUTING_HEADERS = (b"mcp-method", b"mcp-name", b"content-length")
+_ROUTING_HEADERS = frozenset({b"mcp-method", b"mcp-name"})
 _ROUTING_NAME_SIZES = frozenset(len(name) for name in _ROUTING_HEADERS)
-_LOG_OPERATION_SCOPES_FAILED = "operation_scopes failed for %r; request refused with 500\n%s"
+_NO_ROUTING: list[tuple[bytes, bytes]] = []  # never appended to: a request with routing headers gets its own
+_LOG_OPERATION_SCOPES_FAILED = "operation_scopes failed; request refused with 500\n%s"
+# json.loads without its Python wrapper: the same C scanner, set on the decoder as an instance attribute.
+_JSON_SCAN: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]
+_JSON_WHITESPACE = " \t\n\r"
 
 
 class _Unreadable(Exception):
@@ -1672,12 +2362,12 @@ class _OperationGuard:
     """The scopes each MCP operation needs, checked before the app runs (``operation_scopes``).
 
     The operation is read from what the app will act on, the JSON-RPC body: every element of a
-    batch counts, and it is parsed as ``json.loads`` parses it, which accepts all the SDK's
-    parsers accept and reads it the same way (a duplicated key: the last one). A 2026-07-28 client
-    also names the operation in ``Mcp-Method`` and ``Mcp-Name``; those must agree with the body.
-    What cannot be read with certainty is refused (400), a body over ``max_body_size`` too (413),
-    and the app then gets the body as it came, message by message. Requests other than POST carry
-    no operation and need ``required_scopes`` only.
+    batch counts, and it is parsed as ``json.loads`` parses bytes, which accepts all that the
+    SDK's parsers accept and reads it as they do (a duplicated key: the last one). A 2026-07-28
+    client also names the operation in ``Mcp-Method`` and ``Mcp-Name``; those must agree with the
+    body. What cannot be read with certainty is refused (400), a body over ``max_body_size`` too
+    (413), and the app then gets the body as it came, message by message. Requests other than
+    POST carry no operation and need ``required_scopes`` only.
     """
 
     def __init__(
@@ -1704,70 +2394,58 @@ class _OperationGuard:
                 "operation_scopes must be a mapping of operation pattern -> scopes, or a callable "
                 f"(operation) -> scopes, not {type(rules).__name__}"
             )
-        self._needs: dict[tuple[str, str | None], tuple[str, ...]] = {}
+        self._needs: dict[tuple[str, str | None], tuple[str, ...]] = {}  # (method, name) -> all it needs
 
-    async def admit(self, scope: Scope, receive: Receive, access: AccessToken) -> tuple[_Response | None, Receive]:
+    async def admit(
+        self, scope: Scope, receive: Receive, access: AccessToken, routing: list[tuple[bytes, bytes]]
+    ) -> tuple[_Response | None, Receive]:
         """A refusal, or the ``receive`` that hands the app the body this read."""
         granted = self._hierarchy.effective(access.scopes)
         if scope["type"] != "http" or scope.get("method") != "POST":
             return self._verdict(self._required, granted), receive
-        routing = _routing_headers(scope["headers"])
-        read = await self._body(receive, routing[2])
-        if isinstance(read, _Response):
-            return read, receive
-        messages, body = read
+        messages: list[Message] = []
+        size = 0
+        while not messages or messages[-1].get("more_body", False):  # the whole body, bounded
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return self._refusals.unreadable, receive  # http.disconnect: nobody is left to serve
+            size += len(message.get("body", b""))
+            if size > self._max_body_size:
+                return self._refusals.too_large, receive
+        body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
         try:
-            operations = _operations(body, routing[0], routing[1])
+            needed = self._needed(body, routing)
         except _Unreadable:
             return self._refusals.unreadable, receive
-        try:
-            needed = self._needed(operations)
         except Exception as exc:  # a rule of the user's that fails is no reason to let the request through
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            logger.error(_LOG_OPERATION_SCOPES_FAILED, [operation.method for operation in operations], text)
+            logger.error(_LOG_OPERATION_SCOPES_FAILED, "".join(traceback.format_exception(exc)))
             return self._refusals.server_error, receive
         return self._verdict(needed, granted), _replaying(messages, receive)
 
     def _verdict(self, needed: tuple[str, ...], granted: frozenset[str]) -> _Response | None:
-        if all(scope in granted for scope in needed):
-            return None
-        return self._refusals.insufficient_for(needed)
+        return None if granted.issuperset(needed) else self._refusals.insufficient_for(needed)
 
-    async def _body(self, receive: Receive, declared: int | None) -> tuple[list[Message], bytes] | _Response:
-        """The whole body, bounded, and the messages it came in; the client leaving is a body we cannot read."""
-        if declared is not None and declared > self._max_body_size:
-            return self._refusals.too_large
-        messages: list[Message] = []
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return self._refusals.unreadable  # http.disconnect: nobody is left to serve
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body_size:
-                return self._refusals.too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return messages, b"".join(chunks)
-
-    def _needed(self, operations: list[Operation]) -> tuple[str, ...]:
-        """``required_scopes`` and every scope any of the operations needs, in a stable order."""
+    def _needed(self, body: bytes, routing: list[tuple[bytes, bytes]]) -> tuple[str, ...]:
+        """``required_scopes`` and every scope any operation of the body needs, in a stable order."""
+        operations = _operations(body, routing)
+        if self._decide is None and len(operations) == 1:
+            return self._by_rule(*operations[0][:2])
         needed = dict.fromkeys(self._required)
-        for operation in operations:
+        for method, name, params in operations:
             if self._decide is not None:
-                needed.update(dict.fromkeys(_scope_tokens("operation_scopes()", self._decide(operation))))
+                needed.update(
+                    dict.fromkeys(_scope_tokens("operation_scopes()", self._decide(Operation(method, name, params))))
+                )
             else:
-                needed.update(dict.fromkeys(self._by_rule(operation.method, operation.name)))
+                needed.update(dict.fromkeys(self._by_rule(method, name)))
         return tuple(needed)
 
     def _by_rule(self, method: str, name: str | None) -> tuple[str, ...]:
-        """The union of the scopes of every pattern that matches, remembered per (method, name)."""
+        """``required_scopes`` and those of every pattern that matches, remembered per (method, name)."""
         needs = self._needs.get((method, name))
         if needs is None:
-            scopes: dict[str, None] = {}
+            scopes = dict.fromkeys(self._required)
             for regex, rule_scopes in self._rules.get(method, ()):
                 if regex is None or (name is not None and regex.match(name)):
                     scopes.update(dict.fromkeys(rule_scopes))
@@ -1778,82 +2456,77 @@ class _OperationGuard:
         return needs
 
 
-def _routing_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, str | None, int | None]:
-    """``Mcp-Method``, ``Mcp-Name`` (decoded) and the declared ``Content-Length`` of a POST.
-
-    A routing header sent twice, or an ``Mcp-Name`` sentinel the SDK's decoder would refuse, comes
-    back as ``_UNREADABLE_HEADER``, which ``_operations`` refuses: first-copy and last-copy readers
-    would disagree.
-    """
-    found: dict[bytes, bytes | None] = {}
-    for name, value in headers:
-        if len(name) in _ROUTING_NAME_SIZES:
-            name = name.lower()
-            if name in _ROUTING_HEADERS:
-                found[name] = None if name in found else value  # None: present twice
-    method, label, length = (found.get(name, b"") for name in _ROUTING_HEADERS)
-    declared = int(length) if length and length.isdigit() else None  # else the body is counted as it comes
-    return _routing_text(method), _header_name(label), declared
-
-
-_UNREADABLE_HEADER = "\x00unreadable"  # no JSON-RPC method or name can equal it: a NUL never survives a header
-
-
-def _routing_text(value: bytes | None) -> str | None:
-    if value is None:
-        return _UNREADABLE_HEADER
-    return value.decode("latin-1") if value else None
-
-
-def _header_name(value: bytes | None) -> str | None:
-    """``Mcp-Name`` as the SDK decodes it: verbatim, or the ``=?base64?...?=`` sentinel's canonical UTF-8."""
-    text = _routing_text(value)
-    match = _BASE64_SENTINEL.fullmatch(text) if text and text != _UNREADABLE_HEADER else None
-    if match is None:
-        return text
+def _read_json(body: bytes) -> Any:
+    """The body as ``json.loads(body)`` reads it (encoding detected, a BOM allowed), without its wrapper's cost."""
     try:
-        decoded = base64.b64decode(match[1], validate=True)
-        if base64.b64encode(decoded).decode("ascii") != match[1]:
-            return _UNREADABLE_HEADER
-        return decoded.decode("utf-8")
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        return _UNREADABLE_HEADER
-
-
-def _operations(body: bytes, method_header: str | None, name_header: str | None) -> list[Operation]:
-    """Every operation a JSON-RPC body asks for; raises _Unreadable for anything we cannot read with certainty."""
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+        value, end = _JSON_SCAN(text, start)
+    except (ValueError, RecursionError, StopIteration):  # StopIteration: no JSON value at all
         raise _Unreadable from None
+    if text[end:].strip(_JSON_WHITESPACE):
+        raise _Unreadable  # "Extra data", as json.loads says
+    return value
+
+
+def _operations(body: bytes, routing: list[tuple[bytes, bytes]]) -> list[tuple[str, str | None, Any]]:
+    """Every (method, name, params) a JSON-RPC body asks for; _Unreadable for anything we cannot read with certainty.
+
+    A response (it answers the server, and asks nothing) has none. Where a 2026-07-28 client names
+    the operation in ``Mcp-Method`` (and ``Mcp-Name``), the body must be that one request.
+    """
+    document = _read_json(body)
     elements = document if isinstance(document, list) else [document]
-    operations = [operation for element in elements if (operation := _operation(element)) is not None]
-    if not elements or method_header == _UNREADABLE_HEADER or name_header == _UNREADABLE_HEADER:
-        raise _Unreadable
-    if method_header is not None:  # MCP 2026-07-28: one request, named in the headers as in the body
-        if len(elements) != 1 or len(operations) != 1 or operations[0].method != method_header:
+    operations = []
+    for element in elements:
+        if not isinstance(element, dict):
             raise _Unreadable
-        if name_header is not None and operations[0].method in _NAMED_BY and operations[0].name != name_header:
+        method = element.get("method")
+        if method is None and ("result" in element or "error" in element):
+            continue
+        params = element.get("params", {})
+        if not isinstance(method, str) or not isinstance(params, dict):
+            raise _Unreadable
+        name = params.get(_NAMED_BY[method]) if method in _NAMED_BY else None
+        if method in _NAMED_BY and not isinstance(name, str):  # the SDK refuses it too; we never judge by a guess
+            raise _Unreadable
+        operations.append((method, name, params))
+    if not elements:
+        raise _Unreadable
+    method_header, name_header = _routing_headers(routing)
+    if method_header is not None:  # MCP 2026-07-28: one request, named in the headers as in the body
+        if len(elements) != 1 or len(operations) != 1 or operations[0][0] != method_header:
+            raise _Unreadable
+        if name_header is not None and operations[0][0] in _NAMED_BY and operations[0][1] != name_header:
             raise _Unreadable
     return operations
 
 
-def _operation(element: object) -> Operation | None:
-    """One JSON-RPC message's operation; None for a response (it answers the server, and asks nothing)."""
-    if not isinstance(element, dict):
+def _routing_headers(routing: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
+    """``Mcp-Method`` and ``Mcp-Name`` (decoded as the SDK decodes it); _Unreadable for one sent twice.
+
+    First-copy and last-copy readers would disagree about a repeated one.
+    """
+    found = dict(routing)
+    if len(found) != len(routing):
         raise _Unreadable
-    method = element.get("method")
-    if method is None and ("result" in element or "error" in element):
-        return None
-    params = element.get("params", {})
-    if not isinstance(method, str) or not isinstance(params, dict):
-        raise _Unreadable
-    name = None
-    if method in _NAMED_BY:
-        name = params.get(_NAMED_BY[method])
-        if not isinstance(name, str):  # the SDK refuses it too; we never judge by a guess
-            raise _Unreadable
-    return Operation(method, name, params)
+    method, label = found.get(b"mcp-method"), found.get(b"mcp-name")
+    name = None if label is None else _header_name(label.decode("latin-1"))
+    return None if method is None else method.decode("latin-1"), name
+
+
+def _header_name(value: str) -> str:
+    """``Mcp-Name`` as the SDK decodes it: verbatim, or the ``=?base64?...?=`` sentinel's canonical UTF-8."""
+    match = _BASE64_SENTINEL.fullmatch(value)
+    if match is None:
+        return value
+    try:
+        decoded = base64.b64decode(match[1], validate=True)
+        if base64.b64encode(decoded).decode("ascii") != match[1]:
+            raise _Unreadable  # non-canonical: the SDK's decoder refuses it too
+        return decoded.decode("utf-8")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise _Unreadable from None
 
 
 def _replaying(messages: list[Message], receive: Receive) -> Receive:
@@ -1894,6 +2567,8 @@ class _SDKCaller:
 def _sdk_user_type(base: Any, provider: Any) -> Callable[[AccessToken], Any]:
     class Caller(base):  # type: ignore[misc]
         """The SDK's AuthenticatedUser for one request; its AccessToken is made on first read."""
+
+        __slots__ = ("_access", "_built")
 
         def __init__(self, access: AccessToken) -> None:  # no super().__init__: nothing is built yet
             self._access = access
@@ -2029,6 +2704,9 @@ class BearerAuthMiddleware:
         allow_cors_preflight: bool = True,
         allowed_origins: Iterable[str] | None = None,
         sdk_identity: bool | None = None,
+        max_failures: int | None = None,
+        failure_window: float = 60.0,
+        store: RedisStore | None = None,
         audit: bool = False,
     ) -> None:
         if not callable(app):
@@ -2061,6 +2739,7 @@ class BearerAuthMiddleware:
         if realm is not None:
             _checked_text("realm", realm, header=True)
         self._refusals = _Refusals(realm=realm, scopes=scopes, metadata_url=metadata_url)
+        self._no_oauth = None if resource is not None else self._refusals.no_oauth
         self._sessions = _SessionOwners(max_sessions, self._refusals.session_not_found) if bind_sessions else None
         self._operations = None
         if operation_scopes is not None:
@@ -2073,7 +2752,15 @@ class BearerAuthMiddleware:
             )
         # With per-operation rules, required_scopes join each operation's scopes in its one challenge.
         self._required_scopes = frozenset() if self._operations else frozenset(scopes)
-        self._extras = self._audit or self._sdk is not None or scope_implies is not None
+        window = _seconds("failure_window", failure_window)
+        if store is not None and not isinstance(store, RedisStore):
+            raise TypeError(f"store must be a RedisStore or None, not {type(store).__name__}")
+        self._throttle = None
+        if max_failures is not None:
+            failures = _positive_int("max_failures", max_failures)
+            self._throttle = _Throttle(failures, window, self._refusals, store)
+        self._extras = self._audit or self._sdk is not None or scope_implies is not None or self._throttle is not None
+        self._watched_name_sizes = _WATCHED_NAME_SIZES | (_ROUTING_NAME_SIZES if self._operations else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -2088,9 +2775,11 @@ class BearerAuthMiddleware:
         if maybe_public and (public := self._public(scope)) is not None:
             return await self._answer_public(scope, receive, send, public)
 
-        token, session_id = self._credentials(scope["headers"])
+        token, session_id, routing = self._credentials(scope["headers"])
         if not isinstance(token, str):
             return await self._refuse(scope, send, token)
+        if self._throttle is not None and (throttled := self._throttle.refusal(scope, token)) is not None:
+            return await self._refuse(scope, send, throttled)  # the provider is not asked
         refusal: _Response | None
         try:
             access = await self._verify(token)
@@ -2104,8 +2793,8 @@ class BearerAuthMiddleware:
         ended = None
         if self._sessions is not None:
             refusal, send, ended = self._sessions.admit(scope, send, access, session_id)
-        if refusal is None and self._operations is not None:
-            refusal, receive = await self._operations.admit(scope, receive, access)
+        if self._operations is not None and refusal is None:
+            refusal, receive = await self._operations.admit(scope, receive, access, routing)
         if refusal is not None:
             return await self._refuse(scope, send, refusal, access)
 
@@ -2126,20 +2815,25 @@ class BearerAuthMiddleware:
         SDK reads it (``scope["user"]`` and its auth context variable).
         """
         if self._audit:
-            self._audit_decision(scope, None, access)
-        undo: list[tuple[contextvars.ContextVar[Any], contextvars.Token[Any]]] = []
-        if self._hierarchy is not _NO_HIERARCHY:
-            scope["state"][_HIERARCHY_KEY] = self._hierarchy
-            undo.append((_current_hierarchy, _current_hierarchy.set(self._hierarchy)))
-        if self._sdk is not None:
-            scope["user"] = user = self._sdk.user(access)
-            undo.append((self._sdk.context_var, self._sdk.context_var.set(user)))
-        if not undo:
+            self._audit_decision(scope, None, access, None)
+        if self._throttle is not None:
+            self._throttle.accepted(access.token)
+        hierarchy = None if self._hierarchy is _NO_HIERARCHY else self._hierarchy
+        sdk, hierarchy_reset, sdk_reset = self._sdk, None, None
+        if hierarchy is not None:
+            scope["state"][_HIERARCHY_KEY] = hierarchy
+            hierarchy_reset = _current_hierarchy.set(hierarchy)
+        if sdk is not None:
+            scope["user"] = user = sdk.user(access)
+            sdk_reset = sdk.context_var.set(user)
+        if hierarchy_reset is None and sdk_reset is None:
             return ended
 
         def after() -> None:
-            for variable, token in reversed(undo):
-                variable.reset(token)
+            if sdk_reset is not None:
+                sdk.context_var.reset(sdk_reset)  # type: ignore[union-attr]
+            if hierarchy_reset is not None:
+                _current_hierarchy.reset(hierarchy_reset)
             if ended is not None:
                 ended()
 
@@ -2175,35 +2869,44 @@ class BearerAuthMiddleware:
             return _PREFLIGHT
         return None
 
-    def _credentials(self, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | _Response, bytes | None]:
-        """The bearer token and the ``Mcp-Session-Id`` of a request, or a refusal instead of the token.
+    def _credentials(
+        self, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[str | _Response, bytes | None, list[tuple[bytes, bytes]]]:
+        """The bearer token, the ``Mcp-Session-Id`` and the MCP routing headers of a request; a refusal
+        instead of the token where there is none or it is malformed.
 
         One pass over the raw header pairs, as uvicorn's ProxyHeadersMiddleware reads them;
         servers send lowercase names, hand-built scopes may not (RFC 9110 section 5.1). A
         repeated header is never guessed at: two Authorization headers are malformed, two
-        session ids name no session (b"").
+        session ids name no session (b""). ``Mcp-Method`` and ``Mcp-Name`` are collected only
+        for per-operation rules.
         """
         authorization = session_id = None
         authorizations = 0
+        routing: list[tuple[bytes, bytes]] = _NO_ROUTING
+        watched = self._watched_name_sizes
         for name, value in headers:
-            if len(name) in _WATCHED_NAME_SIZES:
+            if len(name) in watched:
                 name = name.lower()
                 if name == b"authorization":
                     authorization = value
                     authorizations += 1
                 elif name == b"mcp-session-id":
                     session_id = b"" if session_id is not None else value
+                elif name in _ROUTING_HEADERS:
+                    routing = [*routing, (name, value)]
         if authorization is None:
-            return self._refusals.unauthorized, session_id
+            return self._refusals.unauthorized, session_id, routing
         if authorizations > 1:  # which one would the app trust? Refuse rather than guess.
-            return self._refusals.malformed, session_id
+            return self._refusals.malformed, session_id, routing
         credentials = _BEARER_CREDENTIALS.fullmatch(authorization)
         if credentials is None:
-            return self._refusal_for(authorization), session_id
+            return self._refusal_for(authorization), session_id, routing
         token: bytes = credentials[1]
         if len(token) > self._max_token_length:
-            return self._refusals.invalid_token, session_id
-        return token.decode("ascii"), session_id
+            _refused(f"longer than max_token_length ({self._max_token_length})")
+            return self._refusals.invalid_token, session_id, routing
+        return token.decode("ascii"), session_id, routing
 
     def _refusal_for(self, authorization: bytes) -> _Response:
         """Why a header that is not ``Bearer <token68>`` is refused: no bearer credentials, or malformed ones."""
@@ -2241,11 +2944,22 @@ class BearerAuthMiddleware:
         return None
 
     async def _refuse(self, scope: Scope, send: Send, refusal: _Response, access: object = None) -> None:
+        if refusal.status == 401 and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
+            refusal = self._no_oauth  # an OAuth client probing a server without resource=: no OAuth here
+        reason = None
+        if refusal.error == "invalid_token":  # a token refused: why, for operators only (DEBUG, the audit trail)
+            reason = (
+                "expired" if isinstance(access, AccessToken) else _refusal_reason.get() or "refused by the provider"
+            )
+            _refusal_reason.set(None)
+            logger.debug(_LOG_REFUSED, reason)
+            if self._throttle is not None:
+                self._throttle.failed(scope)
         if self._audit:
-            self._audit_decision(scope, refusal, access)
+            self._audit_decision(scope, refusal, access, reason)
         await self._respond(scope, send, refusal)
 
-    def _audit_decision(self, scope: Scope, refusal: _Response | None, access: object) -> None:
+    def _audit_decision(self, scope: Scope, refusal: _Response | None, access: object, reason: str | None) -> None:
         """One INFO record on ``mcp_bearer.audit``: who asked for what, and the answer.
 
         The principal is the one sessions are bound to, for a token the provider verified;
@@ -2261,9 +2975,11 @@ class BearerAuthMiddleware:
             "path": scope["path"],
             "client": f"{client[0]}:{client[1]}" if client else None,
             "principal": _principal(access) if isinstance(access, AccessToken) else None,
+            "reason": reason,
         }
         values = (fields["outcome"], fields["method"], fields["path"], fields["client"], fields["principal"])
-        _audit_logger.info(_LOG_AUDIT, *values, extra={"mcp_bearer": fields})
+        because = "" if reason is None else f", reason {reason!r}"
+        _audit_logger.info(_LOG_AUDIT, *values, because, extra={"mcp_bearer": fields})
 
     @staticmethod
     async def _respond(scope: Scope, send: Send, response: _Response) -> None:
@@ -2284,6 +3000,32 @@ class BearerAuthMiddleware:
 
 # Never an option: a secret on the command line shows in `ps` and in shell history.
 _SECRET_VARIABLE = "MCP_BEARER_CLIENT_SECRET"  # noqa: S105 - the variable's name, not a secret
+_REDIS_VARIABLE = "MCP_BEARER_REDIS_URL"  # a Redis URL may hold a password: the environment, beside --redis-url
+# Errors from the classes name their parameters; on the command line, the flag the user typed.
+_FLAGS = {
+    "jwks_url": "--jwks-url",
+    "issuer": "--issuer",
+    "audience": "--audience",
+    "algorithms": "--algorithm",
+    "leeway": "--leeway",
+    "jwks_cache_seconds": "--jwks-cache-seconds",
+    "jwks_refresh_cooldown": "--jwks-refresh-cooldown",
+    "key": "--jwt-key-file",
+    "url": "--introspection-url",
+    "client_id": "--client-id",
+    "ttl": "--cache-ttl",
+    "exclude_paths": "--exclude",
+    "required_scopes": "--required-scope",
+    "resource": "--resource",
+    "authorization_servers": "--authorization-server",
+    "allowed_origins": "--allowed-origin",
+    "max_failures": "--max-failures",
+    "until": "--until",
+    "before": "--before",
+}
+_FLAG_NAMES = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
+_DURATION = re.compile(r"([1-9][0-9]*)([smhd]?)")
+_DURATION_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -2297,23 +3039,26 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _load_tokens(path: str) -> dict[str, dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            tokens = json.load(file)
-    except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"cannot read tokens file {path!r}: {getattr(exc, 'strerror', None) or exc}")
-    except json.JSONDecodeError as exc:
-        _fail(f"tokens file {path!r} is not valid JSON: {exc.msg} at line {exc.lineno}")
-    if not isinstance(tokens, dict) or not all(isinstance(c, dict) for c in tokens.values()):
-        _fail(f'tokens file {path!r} must hold a JSON object of token -> claims, e.g. {{"sk-1": {{"sub": "alice"}}}}')
-    return tokens
+def _flagged(exc: Exception) -> NoReturn:
+    """A configuration error, told in the command line's words: its flags, not the parameters behind them."""
+    _fail(_FLAG_NAMES.sub(lambda match: _FLAGS[match[1]], str(exc)))
 
 
-def _load_app(target: str) -> Any:
+def _prog() -> str:
+    """The command the user typed, for usage lines."""
+    return (
+        "mcp-bearer" if os.path.splitext(os.path.basename(sys.argv[0]))[0] == "mcp-bearer" else "python -m mcp_bearer"
+    )
+
+
+def _load_app(args: argparse.Namespace) -> Any:
+    target: str = args.app
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         _fail(f"app {target!r} must look like MODULE:ATTR, e.g. server:app")
+    if module_name.endswith(".py") or "/" in module_name:
+        dotted = module_name.removesuffix(".py").replace("/", ".")
+        _fail(f"app {target!r} names a file; give the module, as Python imports it: {dotted}:{attr}")
     sys.path.insert(0, os.getcwd())  # as uvicorn does: serve a module from the current directory
     try:
         obj: Any = importlib.import_module(module_name)
@@ -2323,14 +3068,37 @@ def _load_app(target: str) -> Any:
         if not hasattr(obj, part):
             _fail(f"module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    if isinstance(obj, BearerAuthMiddleware) or type(obj).__name__ == "BearerAuthMiddleware":
+        _fail(
+            f"{target} is already behind BearerAuthMiddleware, and a second one would refuse every key: "
+            f"pass the app or MCP server it wraps instead, or serve {target} with uvicorn"
+        )
     if hasattr(obj, "streamable_http_app"):  # an MCPServer (mcp 2.x) or FastMCP (mcp 1.x)
-        return obj.streamable_http_app()
+        return _sdk_app(obj, args)
     if not callable(obj):
         _fail(f"{target!r} is neither an ASGI app nor an MCP server, but a {type(obj).__name__}")
     return obj
 
 
-def _demo_app(host: str) -> Any:
+def _sdk_app(server: Any, args: argparse.Namespace) -> Any:
+    """An MCP server's streamable HTTP app, its DNS-rebinding guard built for the host it is served on.
+
+    The SDK guards only localhost by default: served on another interface, requests name other
+    hosts (remote clients, proxies), which ``--allowed-host`` lists for the guard to check.
+    """
+    security = None
+    if args.allowed_host:
+        settings = importlib.import_module("mcp.server.transport_security").TransportSecuritySettings
+        allowed = [*args.allowed_host, *(f"{h}:*" for h in args.allowed_host if ":" not in h)]
+        security = settings(enable_dns_rebinding_protection=True, allowed_hosts=allowed, allowed_origins=[])
+    if "host" in inspect.signature(server.streamable_http_app).parameters:  # mcp 2.x
+        return server.streamable_http_app(host=args.host, transport_security=security)
+    if security is not None or not _is_loopback(args.host):  # mcp 1.x decides it when the server is made
+        server.settings.host, server.settings.transport_security = args.host, security
+    return server.streamable_http_app()
+
+
+def _demo_app(args: argparse.Namespace) -> Any:
     """A one-tool MCP server: ``whoami`` returns the caller's claims."""
 
     def whoami() -> dict[str, Any]:
@@ -2339,12 +3107,10 @@ def _demo_app(host: str) -> Any:
 
     try:
         server: Any = importlib.import_module("mcp.server.mcpserver").MCPServer("mcp_bearer demo")
-        server.tool()(whoami)
-        return server.streamable_http_app(host=host)
     except ImportError:  # mcp 1.x
-        server = importlib.import_module("mcp.server.fastmcp").FastMCP("mcp_bearer demo", host=host)
-        server.tool()(whoami)
-        return server.streamable_http_app()
+        server = importlib.import_module("mcp.server.fastmcp").FastMCP("mcp_bearer demo", host=args.host)
+    server.tool()(whoami)
+    return _sdk_app(server, args)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -2357,36 +3123,84 @@ def _listen(host: str, port: int) -> socket.socket:
     return socket.socket(listener.family, listener.type, socket.IPPROTO_TCP, fileno=listener.detach())
 
 
+def _tokens_provider(path: str) -> StaticTokenProvider:
+    """--tokens-file, with the warnings an operator needs once: plain keys on disk, a file others can read."""
+    try:
+        provider = StaticTokenProvider.from_file(path)
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    with open(path, encoding="utf-8") as file:
+        plain = not isinstance(json.load(file).get("keys"), list)
+    if plain:
+        logger.warning(
+            "tokens file %r holds keys in plain text: anyone who can read it can use them "
+            "(mcp-bearer keys new keeps only their digests)",
+            path,
+        )
+    if os.stat(path).st_mode & 0o077:
+        logger.warning("tokens file %r can be read by group or others: chmod 600 %s", path, shlex.quote(path))
+    return provider
+
+
+def _jwt_provider(args: argparse.Namespace) -> BearerAuthProvider:
+    if not args.issuer or not args.audience:
+        _fail("--jwks-url and --jwt-key-file need --issuer and --audience (the tokens' iss and aud)")
+    if args.jwks_url is not None and args.jwt_key_file is not None:
+        _fail("give one of --jwks-url (the issuer's keys) and --jwt-key-file (a PEM public key or an HMAC secret)")
+    key = None
+    if args.jwt_key_file is not None:
+        try:
+            with open(args.jwt_key_file, "rb") as file:
+                key = file.read().strip()
+        except OSError as exc:
+            _fail(f"cannot read --jwt-key-file {args.jwt_key_file!r}: {exc.strerror or exc}")
+    options = {
+        "leeway": args.leeway,
+        "jwks_cache_seconds": args.jwks_cache_seconds,
+        "jwks_refresh_cooldown": args.jwks_refresh_cooldown,
+    }
+    try:
+        return JWTProvider(
+            issuer=args.issuer,
+            audience=args.audience,
+            jwks_url=args.jwks_url,
+            key=key,
+            algorithms=args.algorithm or ("RS256",),
+            **{name: value for name, value in options.items() if value is not None},
+        )
+    except (TypeError, ValueError) as exc:
+        _flagged(exc)
+
+
+def _introspection_provider(args: argparse.Namespace) -> BearerAuthProvider:
+    secret = os.environ.get(_SECRET_VARIABLE, "")
+    if not args.client_id or not secret:
+        _fail(f"--introspection-url needs --client-id and the client secret in ${_SECRET_VARIABLE}")
+    if len(args.audience) > 1:
+        _fail("--introspection-url takes at most one --audience (the introspected token's aud must contain it)")
+    audience = args.audience[0] if args.audience else None
+    try:
+        return IntrospectionProvider(
+            args.introspection_url, client_id=args.client_id, client_secret=secret, audience=audience
+        )
+    except (TypeError, ValueError) as exc:
+        _flagged(exc)
+
+
 def _cli_provider(args: argparse.Namespace) -> BearerAuthProvider | None:
     """The token sources the options name, chained API keys first; None when they name none."""
     providers: list[BearerAuthProvider] = []
     if args.tokens_file is not None:
-        providers.append(StaticTokenProvider(_load_tokens(args.tokens_file)))
-    if args.jwks_url is not None:
-        if not args.issuer or not args.audience:
-            _fail("--jwks-url needs --issuer and --audience (the tokens' iss and aud)")
-        providers.append(
-            JWTProvider(
-                issuer=args.issuer,
-                audience=args.audience,
-                jwks_url=args.jwks_url,
-                algorithms=args.algorithm or ("RS256",),
-            )
-        )
-    elif args.issuer or args.algorithm or (args.audience and args.introspection_url is None):
-        _fail("--issuer and --algorithm need --jwks-url; --audience needs --jwks-url or --introspection-url")
+        providers.append(_tokens_provider(args.tokens_file))
+    jwt_options = (args.leeway, args.jwks_cache_seconds, args.jwks_refresh_cooldown)
+    if args.jwks_url is not None or args.jwt_key_file is not None:
+        providers.append(_jwt_provider(args))
+    elif args.issuer or args.algorithm or any(o is not None for o in jwt_options):
+        _fail("--issuer, --algorithm, --leeway and the --jwks-* options need --jwks-url or --jwt-key-file")
+    elif args.audience and args.introspection_url is None:
+        _fail("--audience needs --jwks-url, --jwt-key-file or --introspection-url")
     if args.introspection_url is not None:
-        secret = os.environ.get(_SECRET_VARIABLE, "")
-        if not args.client_id or not secret:
-            _fail(f"--introspection-url needs --client-id and the client secret in ${_SECRET_VARIABLE}")
-        if len(args.audience) > 1:
-            _fail("--introspection-url takes at most one --audience (the introspected token's aud must contain it)")
-        audience = args.audience[0] if args.audience else None
-        providers.append(
-            IntrospectionProvider(
-                args.introspection_url, client_id=args.client_id, client_secret=secret, audience=audience
-            )
-        )
+        providers.append(_introspection_provider(args))
     elif args.client_id is not None:
         _fail("--client-id needs --introspection-url")
     if not providers:
@@ -2396,16 +3210,17 @@ def _cli_provider(args: argparse.Namespace) -> BearerAuthProvider | None:
 
 def _parser() -> argparse.ArgumentParser:
     # Usage names the command the user typed; error lines always start "mcp_bearer: error:".
-    installed = os.path.splitext(os.path.basename(sys.argv[0]))[0] == "mcp-bearer"
     parser = _ArgumentParser(
-        prog="mcp-bearer" if installed else "python -m mcp_bearer",
+        prog=_prog(),
         description="Serve an ASGI app or MCP server behind bearer-token authentication; "
         "without APP, a demo MCP server with a whoami tool. Tokens come from --tokens-file, "
-        "else MCP_BEARER_TOKENS (comma-separated), else one random token printed once.",
+        "else MCP_BEARER_TOKENS (comma-separated), else one random token printed once. "
+        f"'{_prog()} keys --help': make, list and revoke API keys.",
     )
     option = parser.add_argument
     option("app", nargs="?", metavar="MODULE:ATTR", help="an ASGI app, or an object with streamable_http_app()")
-    option("--tokens-file", metavar="FILE", help='JSON object of token -> claims, e.g. {"sk-1": {"sub": "alice"}}')
+    option("--version", action="version", version=f"mcp_bearer {__version__}")
+    option("--tokens-file", metavar="FILE", help="a keys file (mcp-bearer keys new), or JSON {token: claims}")
     option(
         "--exclude",
         action="append",
@@ -2418,28 +3233,30 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="canonical URL of this server, e.g. https://mcp.example.com/mcp; serves RFC 9728 metadata",
     )
-    option(
-        "--authorization-server",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="issuer URL listed in the metadata, repeatable",
-    )
-    option("--jwks-url", metavar="URL", help="verify JWT access tokens with the issuer's JWKS instead of fixed tokens")
+    option("--authorization-server", action="append", default=[], metavar="URL", help="issuer URL for the metadata")
+    option("--jwks-url", metavar="URL", help="also accept JWT access tokens, verified with the issuer's JWKS")
+    option("--jwt-key-file", metavar="FILE", help="also accept JWTs, verified with this PEM public key or HMAC secret")
     option("--issuer", action="append", default=[], metavar="ISS", help="accepted JWT iss, repeatable")
     option("--audience", action="append", default=[], metavar="AUD", help="accepted JWT aud, repeatable")
     option(
         "--algorithm", action="append", default=[], metavar="ALG", help="accepted JWT alg, repeatable (default RS256)"
     )
+    option("--leeway", type=float, metavar="SECONDS", help="clock skew allowed on exp/nbf/iat (default 30)")
+    option("--jwks-cache-seconds", type=float, metavar="SECONDS", help="keep a fetched JWKS this long (default 3600)")
+    option("--jwks-refresh-cooldown", type=float, metavar="SECONDS", help="refetch for unknown kids at most this often")
     option(
         "--introspection-url",
         metavar="URL",
-        help="check opaque tokens at this RFC 7662 endpoint; the client secret comes from $" + _SECRET_VARIABLE,
+        help="also accept opaque tokens, checked at this RFC 7662 endpoint; client secret from $" + _SECRET_VARIABLE,
     )
     option("--client-id", metavar="ID", help="this server's client id at the introspection endpoint")
     option(
         "--cache-ttl", type=float, metavar="SECONDS", help="remember each token's verdict this long (CachedProvider)"
     )
+    option("--max-failures", type=int, metavar="N", help="429 for an address after N refused tokens a minute")
+    option("--allowed-origin", action="append", metavar="ORIGIN", help="browser origin allowed, repeatable (else any)")
+    option("--allowed-host", action="append", default=[], metavar="HOST", help="Host the MCP SDK's guard accepts")
+    option("--redis-url", metavar="URL", help=f"share verdicts, revocations, failure counts (or ${_REDIS_VARIABLE})")
     option("--audit", action="store_true", help="log one line per decision to stderr (mcp_bearer.audit)")
     option("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     option("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -2456,10 +3273,12 @@ def _demo_tokens() -> tuple[dict[str, dict[str, Any]], str | None]:
 
 
 def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> BearerAuthMiddleware:
+    if args.resource is not None and not args.authorization_server:
+        _fail("--resource needs --authorization-server: RFC 9728 clients cannot use metadata that names none")
     try:
-        app = _load_app(args.app) if args.app else _demo_app(args.host)
+        app = _load_app(args) if args.app else _demo_app(args)
     except ImportError as exc:
-        _fail(f"the demo needs the mcp package ({exc}); pip install 'mcp_bearer[demo]'")
+        _fail(f"the demo needs the mcp package ({exc}); pip install mcp")
     # A bad option is the one stderr line below; the ERROR record the middleware logs for lazy
     # builders would print it a second time (logging's last-resort handler writes to stderr).
     logger.disabled = True
@@ -2471,31 +3290,85 @@ def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> Bear
             required_scopes=args.required_scope,
             resource=args.resource,
             authorization_servers=args.authorization_server,
+            allowed_origins=args.allowed_origin,
+            max_failures=args.max_failures,
+            store=args.store,
             audit=args.audit,
         )
     except (TypeError, ValueError) as exc:
-        _fail(str(exc))
+        _flagged(exc)
     finally:
         logger.disabled = False
 
 
+def _described(provider: object) -> list[str]:
+    """What the startup banner says of each token source; never a key."""
+    if isinstance(provider, ProviderChain):
+        return [line for verify in provider._verifiers for line in _described(getattr(verify, "__self__", None))]
+    if isinstance(provider, CachedProvider):
+        inner = _described(getattr(provider._verify, "__self__", None))
+        shared = f", shared through {provider._store!r}" if provider._store else ""
+        return [f"{line} (verdicts cached {provider._ttl:g} s{shared})" for line in inner]
+    if isinstance(provider, RevocationCheck):
+        inner = _described(getattr(provider._verify, "__self__", None))
+        return [f"{line} (checked against the deny list in {provider._store!r})" for line in inner]
+    if isinstance(provider, StaticTokenProvider):
+        where = f" from {provider._file.path} (re-read when it changes)" if provider._file else ""
+        return [f"{len(provider._by_digest)} API keys{where}"]
+    if isinstance(provider, JWTProvider):
+        source = f"JWKS {provider._jwks.url}" if provider._jwks else "a fixed key"
+        return [
+            f"JWT access tokens from {', '.join(provider._issuer)} ({source}; audience {', '.join(provider._audience)})"
+        ]
+    if isinstance(provider, IntrospectionProvider):
+        return [f"opaque tokens introspected at {provider._url}"]
+    return [type(provider).__name__]
+
+
+def _banner(url: str, provider: BearerAuthProvider, guarded: BearerAuthMiddleware, args: argparse.Namespace) -> str:
+    lines = [f"Serving {url} behind bearer-token authentication (Ctrl+C to stop)"]
+    lines += [f"  tokens: {line}" for line in _described(provider)]
+    if args.required_scope:
+        lines.append(f"  required scopes: {' '.join(args.required_scope)}")
+    public = [path for path, answer in guarded._open_paths.items() if answer is _PASS]
+    lines.append(f"  public paths: {', '.join(public) or '(none)'}")
+    if args.resource is not None:
+        suffix = urlsplit(args.resource).path.rstrip("/")
+        lines.append(
+            f"  resource metadata: {urlsplit(url)._replace(path=PROTECTED_RESOURCE_METADATA_PATH + suffix).geturl()}"
+        )
+    if args.max_failures is not None:
+        lines.append(f"  throttle: 429 after {args.max_failures} refused tokens per address per minute")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: ``mcp-bearer`` (console script) or ``python -m mcp_bearer``."""
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["keys"]:
+        return _keys_main(arguments[1:])
+    if arguments[:1] == ["revoke"]:
+        return _revoke_main(arguments[1:])
+    args = _parser().parse_args(arguments)
     generated = None
     try:
+        args.store = _cli_store(args.redis_url)
         provider = _cli_provider(args)
         if provider is None:
             tokens, generated = _demo_tokens()
             provider = StaticTokenProvider(tokens)
         if args.cache_ttl is not None:
-            provider = CachedProvider(provider, ttl=args.cache_ttl)
-    except (TypeError, ValueError, ImportError) as exc:
+            provider = CachedProvider(provider, ttl=args.cache_ttl, store=args.store)
+        elif args.store is not None:
+            provider = RevocationCheck(provider, args.store)
+    except (TypeError, ValueError) as exc:
+        _flagged(exc)
+    except ImportError as exc:
         _fail(str(exc))
     try:
         import uvicorn
     except ImportError:
-        _fail("uvicorn is not installed; pip install 'mcp_bearer[demo]'")
+        _fail("the command line serves with uvicorn, which is not installed: pip install uvicorn")
     guarded = _guarded_app(args, provider)
 
     if args.audit:  # nothing else configures logging here, and INFO records would go nowhere
@@ -2503,6 +3376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         _audit_logger.addHandler(handler)
         _audit_logger.setLevel(logging.INFO)
+        _audit_logger.propagate = False  # mcp 2.x configures the root logger: once, not twice
 
     # Bind here, not in uvicorn, so a busy port is one clear line and exit 2.
     try:
@@ -2514,8 +3388,179 @@ def main(argv: Sequence[str] | None = None) -> None:
     if generated is not None:  # printed once, on purpose: the demo's only key
         config = {"mcpServers": {"demo": {"url": url, "headers": {"Authorization": f"Bearer {generated}"}}}}
         print(f"Bearer token: {generated}\nClient configuration:\n{json.dumps(config, indent=2)}", flush=True)
-    print(f"Serving {url} behind bearer-token authentication (Ctrl+C to stop)", flush=True)
+    print(_banner(url, provider, guarded, args), flush=True)
     uvicorn.Server(uvicorn.Config(guarded, log_level="warning")).run(sockets=[listener])
+
+
+def _cli_store(flag: str | None) -> RedisStore | None:
+    url = flag or os.environ.get(_REDIS_VARIABLE) or None
+    if url is None:
+        return None
+    try:
+        return RedisStore(url)
+    except ValueError as exc:
+        _fail(f"--redis-url / ${_REDIS_VARIABLE}: {exc}")
+
+
+def _revoke_main(argv: list[str]) -> None:
+    """``revoke --jti ID --until EXP`` or ``revoke --subject ISS SUB``: written to the shared deny list."""
+    parser = _ArgumentParser(
+        prog=f"{_prog()} revoke",
+        description="Refuse a token (by its jti) or a user's tokens (by issuer and subject) on every replica. "
+        "API keys' issuer is mcp_bearer:api-key.",
+    )
+    parser.add_argument("--jti", metavar="ID", help="the token's jti claim")
+    parser.add_argument("--until", type=float, metavar="EXP", help="with --jti: the token's exp (Unix seconds)")
+    parser.add_argument("--subject", nargs=2, metavar=("ISS", "SUB"), help="sign this user out everywhere")
+    parser.add_argument(
+        "--before", type=float, metavar="T", help="with --subject: tokens issued before T (default now)"
+    )
+    parser.add_argument("--redis-url", metavar="URL", help=f"the replicas' store (or ${_REDIS_VARIABLE})")
+    args = parser.parse_args(argv)
+    if (args.jti is None) == (args.subject is None):
+        _fail("give one of --jti ID --until EXP and --subject ISS SUB")
+    if args.jti is not None and args.until is None:
+        _fail("--jti needs --until: the token's exp, after which the entry is dropped")
+    store = _cli_store(args.redis_url)
+    if store is None:
+        _fail(f"revoke needs --redis-url or ${_REDIS_VARIABLE}: the store the replicas share")
+    try:
+        if args.jti is not None:
+            store.revoke_jti(args.jti, until=args.until)
+        else:
+            store.revoke_subject(*args.subject, before=args.before)
+    except (TypeError, ValueError) as exc:
+        _fail(_FLAG_NAMES.sub(lambda match: _FLAGS[match[1]], str(exc)))
+    except OSError as exc:
+        _fail(str(exc))
+    print("revoked: every replica refuses it within 2 seconds")
+
+
+# --- the command line: API keys --------------------------------------------------
+
+
+def _keys_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=f"{_prog()} keys",
+        description="Make, list and revoke API keys. A keys file holds only each key's SHA-256, never the key.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{new,list,revoke}")
+    new = commands.add_parser("new", help="make a key: printed once, only its digest stored")
+    new.add_argument("--file", required=True, metavar="FILE", help="the keys file (made, mode 0600, if missing)")
+    new.add_argument("--sub", required=True, help="the subject the key stands for (the sub claim)")
+    new.add_argument("--scope", action="append", default=[], metavar="S", help="a scope it grants, repeatable")
+    new.add_argument("--expires-in", metavar="DURATION", help="e.g. 90d, 12h, 30m, 3600s (default: never)")
+    new.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE", help="another claim, repeatable")
+    listing = commands.add_parser("list", help="ids, subjects, scopes, created, expires; never a digest")
+    listing.add_argument("--file", required=True, metavar="FILE")
+    revoke = commands.add_parser("revoke", help="remove a key; servers watching the file refuse it within 2 s")
+    revoke.add_argument("--file", required=True, metavar="FILE")
+    revoke.add_argument("id", help="the key id (the 12 hex digits after mcpb_)")
+    return parser
+
+
+def _keys_main(argv: list[str]) -> None:
+    args = _keys_parser().parse_args(argv)
+    records = _key_records(args.file, missing_ok=args.command == "new")
+    if args.command == "list":
+        for record in records:
+            print(_key_line(record))
+        return
+    if args.command == "revoke":
+        kept = [record for record in records if record.get("id") != args.id]
+        if len(kept) == len(records):
+            _fail(f"no key {args.id!r} in {args.file}")
+        _write_key_records(args.file, kept)
+        print(f"revoked {args.id}")
+        return
+    record, key = _new_key_record(args)
+    _write_key_records(args.file, [*records, record])
+    print(f"{key}\n(shown once: store it now; {args.file} keeps only its digest, id {record['id']})")
+
+
+def _new_key_record(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    claims: dict[str, Any] = {"sub": args.sub}
+    for item in args.claim:
+        name, equals, value = item.partition("=")
+        if not name or not equals or name in ("sub", "scope", "scopes"):
+            _fail(f"--claim {item!r} must be KEY=VALUE, KEY not sub, scope or scopes (they have their own flags)")
+        try:
+            claims[name] = json.loads(value)
+        except ValueError:
+            claims[name] = value  # not JSON: the text itself
+    try:
+        scopes = list(_scope_tokens("--scope", args.scope))
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    now = int(time.time())
+    expires = None
+    if args.expires_in is not None:
+        duration = _DURATION.fullmatch(args.expires_in)
+        if duration is None:
+            _fail(f"--expires-in {args.expires_in!r} must be a whole number and a unit, e.g. 90d, 12h, 30m, 3600s")
+        expires = now + int(duration[1]) * _DURATION_SECONDS[duration[2]]
+    key, key_id = new_api_key()
+    record = {
+        "id": key_id,
+        "sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "claims": claims,
+        "scopes": scopes,
+        "created_at": now,
+        "expires_at": expires,
+    }
+    return record, key
+
+
+def _key_records(path: str, *, missing_ok: bool) -> list[dict[str, Any]]:
+    """The records of a keys file, checked as the server reads them; [] for a new one."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        _fail(f"no keys file {path!r}")
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read keys file {path!r}: {getattr(exc, 'strerror', None) or exc}")
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        _fail(f'{path} is not a keys file ({{"keys": [...]}}); a plain tokens file holds keys, not digests')
+    try:
+        _recorded_keys(document["keys"], path)
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    return list(document["keys"])
+
+
+def _write_key_records(path: str, records: list[dict[str, Any]]) -> None:
+    """Written whole to a temporary file beside it (mode 0600), then renamed over it: readers never see half."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keys-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump({"keys": records}, file, indent=2)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _key_line(record: Mapping[str, Any]) -> str:
+    def when(seconds: object) -> str:
+        if not _is_number(seconds):
+            return "never"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+        return f"{stamp} (expired)" if seconds < time.time() else stamp
+
+    claims = record.get("claims")
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    scopes = " ".join(record.get("scopes") or []) or "-"
+    created = when(record.get("created_at")).replace(" (expired)", "")
+    expires = when(record.get("expires_at"))
+    return f"{record.get('id')}  sub={subject!r}  scopes={scopes}  created={created}  expires={expires}"
 
 
 if __name__ == "__main__":

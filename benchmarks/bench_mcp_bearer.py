@@ -128,6 +128,8 @@ TARGET_E2E_RATIO = 0.97  # tools/call requests per second with the middleware / 
 TARGET_JWT_RATIO = 1.1  # JWTProvider's valid RS256 request / (static-key path + one jwt.decode)
 TARGET_CACHE_RATIO = 1.25  # a CachedProvider hit / the same request with StaticTokenProvider
 TARGET_INTROSPECTION_E2E = 0.9  # tools/call rps, cached introspection / StaticTokenProvider
+TARGET_OPERATION_US = 5.0  # operation_scopes on a 300-byte tools/call, over the same request without it
+TARGET_SDK_IDENTITY_US = 0.5  # the caller handed to the MCP SDK, when nothing reads it
 INTROSPECTION_DELAY = 0.005  # seconds the e2e introspection endpoint takes per answer
 
 
@@ -178,8 +180,9 @@ class DictBearerHTTPMiddleware(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-def ours(app: ASGIApp, token: str = VALID_TOKEN) -> ASGIApp:
-    return BearerAuthMiddleware(app, StaticTokenProvider({token: CLAIMS}))
+def ours(app: ASGIApp, token: str = VALID_TOKEN, **options: Any) -> ASGIApp:
+    # sdk_identity=False: hello_app is no MCP SDK app (this process loads the SDK for its own stack).
+    return BearerAuthMiddleware(app, StaticTokenProvider({token: CLAIMS}), **{"sdk_identity": False, **options})
 
 
 def sdk_stack(app: ASGIApp) -> ASGIApp:
@@ -247,7 +250,7 @@ def audited(app: ASGIApp) -> ASGIApp:
     handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     audit.addHandler(handler)
-    return BearerAuthMiddleware(app, StaticTokenProvider({VALID_TOKEN: CLAIMS}), audit=True)
+    return ours(app, audit=True)
 
 
 def baseline_module(ref: str) -> Any:
@@ -303,6 +306,26 @@ async def _receive() -> Message:
     return _REQUEST_MESSAGE
 
 
+# A tools/call as a 2025-11-25 client posts it, padded to 300 bytes; rules as a server with
+# read, write and admin tools would have them.
+_TOOLS_CALL_BODY = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "add", "arguments": {"a": 1, "b": 2, "note": ""}, "_meta": {"progressToken": 7}},
+    }
+).encode()
+_TOOLS_CALL_BODY = _TOOLS_CALL_BODY.replace(b'"note": ""', b'"note": "' + b"x" * (300 - len(_TOOLS_CALL_BODY)) + b'"')
+assert len(_TOOLS_CALL_BODY) == 300
+_TOOLS_CALL_MESSAGE: Message = {"type": "http.request", "body": _TOOLS_CALL_BODY, "more_body": False}
+OPERATION_SCOPES = {"tools/call add": ["mcp"], "tools/call delete_*": ["projects:delete"], "resources/read": ["mcp"]}
+
+
+async def _tools_call() -> Message:
+    return _TOOLS_CALL_MESSAGE
+
+
 async def _discard(message: Message) -> None:
     return None
 
@@ -315,6 +338,8 @@ class Variant:
     app: ASGIApp
     template: dict[str, Any]
     expected_status: int
+    against: str | None = None  # the variant this one is paired with per round (ratio, difference)
+    receive: Receive | None = None  # the request body the app may read; default: a 2-byte "{}"
     rounds_ns: list[float] = field(default_factory=list)  # per-round mean ns per request
 
 
@@ -333,18 +358,31 @@ def build_variants(baseline: str | None = None) -> list[Variant]:
         pem, token, key = jwt_case(algorithm)
         scope = make_scope("/mcp", token)
         provider = JWTProvider(issuer=JWT_ISSUER, audience=JWT_AUDIENCE, key=pem, algorithms=[algorithm])
-        jwt_app = BearerAuthMiddleware(hello_app, provider)
-        reference = BearerAuthMiddleware(hello_app, StaticPlusDecode(token, algorithm, key))
+        jwt_app = BearerAuthMiddleware(hello_app, provider, sdk_identity=False)
+        reference = BearerAuthMiddleware(hello_app, StaticPlusDecode(token, algorithm, key), sdk_identity=False)
         variants.append(Variant(f"JWT {algorithm}: valid token", "jwt", algorithm, jwt_app, scope, 200))
         variants.append(Variant(f"static+decode {algorithm}", "reference", algorithm, reference, scope, 200))
-    cached = BearerAuthMiddleware(hello_app, CachedProvider(StaticTokenProvider({VALID_TOKEN: CLAIMS})))
-    variants.append(Variant("ours: cached token", "cache", "valid", cached, valid, 200))
-    variants.append(Variant("ours: valid, audit=True", "audit", "valid", audited(hello_app), valid, 200))
+    static = "ours: valid token"
+    cached = BearerAuthMiddleware(
+        hello_app, CachedProvider(StaticTokenProvider({VALID_TOKEN: CLAIMS})), sdk_identity=False
+    )
+    variants.append(Variant("ours: cached token", "cache", "valid", cached, valid, 200, static))
+    variants.append(Variant("ours: valid, audit=True", "audit", "valid", audited(hello_app), valid, 200, static))
+    sdk = ours(hello_app, sdk_identity=True)
+    variants.append(Variant("ours: valid, SDK identity", "sdk-identity", "valid", sdk, valid, 200, static))
+    # A tools/call with a 300-byte body, with and without operation_scopes (which reads and parses it).
+    call = make_scope("/mcp", VALID_TOKEN)
+    plain_call = "ours: tools/call 300 B"
+    variants.append(Variant(plain_call, "ops", "without", ours(hello_app), call, 200, receive=_tools_call))
+    guarded = ours(hello_app, operation_scopes=OPERATION_SCOPES)
+    name = "ours: same, operation_scopes"
+    variants.append(Variant(name, "ops", "with", guarded, call, 200, plain_call, _tools_call))
     if baseline is not None:
         old = baseline_module(baseline)
         app = old.BearerAuthMiddleware(hello_app, old.StaticTokenProvider({VALID_TOKEN: CLAIMS}))
-        variants.append(Variant(f"ours at {baseline}: valid", "baseline", "valid", app, valid, 200))
-        variants.append(Variant(f"ours at {baseline}: missing", "baseline", "missing", app, missing, 401))
+        variants.append(Variant(f"ours at {baseline}: valid", "baseline", "valid", app, valid, 200, static))
+        miss = "ours: missing token"
+        variants.append(Variant(f"ours at {baseline}: missing", "baseline", "missing", app, missing, 401, miss))
     return variants
 
 
@@ -356,7 +394,7 @@ async def check_status(variant: Variant) -> None:
         messages.append(message)
 
     scope = dict(variant.template, state={})
-    await variant.app(scope, _receive, record)
+    await variant.app(scope, variant.receive or _receive, record)
     status = next((m["status"] for m in messages if m["type"] == "http.response.start"), None)
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     reached_app = body == b"ok"
@@ -367,10 +405,10 @@ async def check_status(variant: Variant) -> None:
         )
 
 
-async def timed_batch(app: ASGIApp, template: dict[str, Any], n: int) -> int:
+async def timed_batch(app: ASGIApp, template: dict[str, Any], n: int, receive: Receive | None = None) -> int:
     """``n`` requests, each on a fresh copy of the scope (as a server builds one per request); elapsed ns."""
     copy = template.copy
-    receive, send = _receive, _discard
+    receive, send = receive or _receive, _discard
     start = time.perf_counter_ns()
     for _ in range(n):
         scope = copy()
@@ -383,12 +421,12 @@ async def run_micro(variants: list[Variant], requests: int, rounds: int, log: Ca
     for variant in variants:
         await check_status(variant)
     for variant in variants:  # warm-up round, not recorded
-        await timed_batch(variant.app, variant.template, requests)
+        await timed_batch(variant.app, variant.template, requests, variant.receive)
     for index in range(rounds):
         log(f"micro: round {index + 1}/{rounds}")
         shift = index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            elapsed = await timed_batch(variant.app, variant.template, requests)
+            elapsed = await timed_batch(variant.app, variant.template, requests, variant.receive)
             variant.rounds_ns.append(elapsed / requests)
 
 
@@ -415,20 +453,18 @@ def summarize_micro(variants: list[Variant]) -> dict[str, dict[str, Any]]:
         else:
             result["overhead_vs_sdk"] = None
     by_name = {v.name: v for v in variants}
-    static = by_name["ours: valid token"].rounds_ns
-    ours_by_case = {v.case: v.rounds_ns for v in variants if v.guard == "ours"}
     for variant in variants:
         if variant.guard == "jwt":  # paired per round against its reference, like the overheads
             reference = by_name[f"static+decode {variant.case}"].rounds_ns
             ratios = [t / r for t, r in zip(variant.rounds_ns, reference, strict=True)]
             results[variant.name]["vs_static_decode"] = statistics.median(ratios)
-        if variant.guard in ("cache", "audit", "baseline"):  # against StaticTokenProvider, paired per round
-            # A baseline row is paired with today's row of the same case (valid token, missing token).
-            against = ours_by_case[variant.case] if variant.guard == "baseline" else static
+        if variant.against is not None:  # paired per round with the variant it is measured against
+            against = by_name[variant.against].rounds_ns
             ratios = [t / r for t, r in zip(variant.rounds_ns, against, strict=True)]
-            results[variant.name]["vs_static"] = statistics.median(ratios)
             differences = [t - r for t, r in zip(variant.rounds_ns, against, strict=True)]
-            results[variant.name]["minus_static_us"] = statistics.median(differences) / 1000
+            results[variant.name]["against"] = variant.against
+            results[variant.name]["vs_against"] = statistics.median(ratios)
+            results[variant.name]["minus_against_us"] = statistics.median(differences) / 1000
     return results
 
 
@@ -760,8 +796,18 @@ def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | Non
         ),
         target(
             f"CachedProvider hit <= {TARGET_CACHE_RATIO} x StaticTokenProvider",
-            micro["ours: cached token"]["vs_static"],
+            micro["ours: cached token"]["vs_against"],
             TARGET_CACHE_RATIO,
+        ),
+        target(
+            f"operation_scopes on a 300-byte tools/call: <= +{TARGET_OPERATION_US} us",
+            micro["ours: same, operation_scopes"]["minus_against_us"],
+            TARGET_OPERATION_US,
+        ),
+        target(
+            f"SDK identity (scope['user'], auth context), nothing reading it: <= +{TARGET_SDK_IDENTITY_US} us",
+            micro["ours: valid, SDK identity"]["minus_against_us"],
+            TARGET_SDK_IDENTITY_US,
         ),
         target(
             f"e2e tools/call, cached introspection / static >= {TARGET_INTROSPECTION_E2E}",
@@ -791,10 +837,10 @@ def print_report(results: dict[str, Any]) -> None:
         if "vs_static_decode" in r:
             print(f"{name:<26} {r['vs_static_decode']:>10.3f}")
 
-    print("\nagainst the same request with today's StaticTokenProvider row, paired per round (baseline: same case)")
+    print("\nagainst another row, paired per round: ratio and difference")
     for name, r in results["micro"].items():
-        if "vs_static" in r:
-            print(f"{name:<26} {r['vs_static']:>10.3f} x   {r['minus_static_us']:+.3f} us")
+        if "vs_against" in r:
+            print(f"{name:<30} {r['vs_against']:>7.3f} x {r['minus_against_us']:+8.3f} us   against {r['against']}")
 
     print("\nmemory, valid-token requests (tracemalloc; peak includes CPython's bounded free lists)")
     print(f"{'variant':<26} {'requests':>10} {'peak bytes':>12} {'retained bytes':>15}")
