@@ -24,18 +24,16 @@ import secrets
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import anyio
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.session import ClientSession
@@ -47,21 +45,20 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from mcp_bearer import BearerAuthMiddleware, JWTProvider, ProviderChain, StaticTokenProvider
+from support import MCP_MAJOR, SECRETS, ListHandler, Server, httpx, loopback_listener, record_text, serve
 
-try:  # mcp 2.x
-    import httpx2 as httpx
+# The tests adapt to mcp 2.x or 1.x (as support.py does); mypy checks them against 2.x.
+if TYPE_CHECKING:
     from mcp.client import Client
-    from mcp.server.mcpserver import MCPServer as _Server
     from mcp.shared.auth import AuthorizationCodeResult
     from mcp.shared.exceptions import MCPError
-
-    MCP_MAJOR = 2
-except ImportError:  # mcp 1.x: no Client, no 2026-07-28, the callback answers (code, state)
-    import httpx  # type: ignore[no-redef]
-    from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[no-redef,assignment]
-    from mcp.shared.exceptions import McpError as MCPError  # type: ignore[no-redef,attr-defined]
-
-    MCP_MAJOR = 1
+else:
+    try:  # mcp 2.x
+        from mcp.client import Client
+        from mcp.shared.auth import AuthorizationCodeResult
+        from mcp.shared.exceptions import MCPError
+    except ImportError:  # mcp 1.x: no Client, no 2026-07-28, the callback answers (code, state)
+        from mcp.shared.exceptions import McpError as MCPError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -78,12 +75,6 @@ LEGACY = "2025-11-25"  # the initialize handshake generation
 MODERN = "2026-07-28"
 GENERATIONS = [MODERN, LEGACY]
 TS_CLIENT = Path(__file__).parent / "ts_client"  # the TypeScript SDK's client: step_up.mjs, pinned by its lockfile
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """asyncio only: the servers run under uvicorn's asyncio whatever the client runs on."""
-    return "asyncio"
 
 
 # --- the authorization server ---------------------------------------------------
@@ -250,9 +241,9 @@ class Exchange:
     challenge: str | None
 
 
-def mcp_app(ran: list[str]) -> Any:
+def projects_app(ran: list[str]) -> Any:
     """The SDK's streamable HTTP app with three tools; each appends its name to ``ran`` when it runs."""
-    server = _Server("projects")
+    server = Server("projects")
 
     @server.tool()
     def list_projects() -> str:
@@ -315,35 +306,16 @@ class Deployment:
         return f"{base}/.well-known/oauth-protected-resource/mcp"
 
 
-@contextlib.contextmanager
-def serve(app: Any, listener: socket.socket) -> Iterator[None]:
-    """Serve ``app`` with uvicorn on ``listener`` in a thread; stop it and wait for it, each wait bounded."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        listener.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
-
-
-def loopback_listener() -> tuple[socket.socket, str]:
-    """A bound socket on a free loopback port, and its base URL: the apps must know their URLs before serving."""
-    listener = socket.create_server(("127.0.0.1", 0))
+def listening() -> tuple[socket.socket, str]:
+    """A listener on a free loopback port, and its base URL: the apps must know their URLs before serving."""
+    listener = loopback_listener()
     return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
 @pytest.fixture
 def deployment() -> Iterator[Deployment]:
-    as_listener, issuer = loopback_listener()
-    mcp_listener, base = loopback_listener()
+    as_listener, issuer = listening()
+    mcp_listener, base = listening()
     resource = f"{base}/mcp"
     authorization_server = AuthorizationServer(issuer=issuer, resource=resource)
     ran: list[str] = []
@@ -353,7 +325,7 @@ def deployment() -> Iterator[Deployment]:
         JWTProvider(issuer=issuer, audience=resource, jwks_url=f"{issuer}/jwks", algorithms=["RS256"]),
     )
     guarded = BearerAuthMiddleware(
-        mcp_app(ran),
+        projects_app(ran),
         provider,
         resource=resource,
         authorization_servers=[issuer],
@@ -361,35 +333,32 @@ def deployment() -> Iterator[Deployment]:
         operation_scopes=OPERATION_SCOPES,
         scopes_supported=SCOPES_SUPPORTED,
     )
-    with serve(authorization_server.app(), as_listener), serve(on_the_wire(guarded, exchanges), mcp_listener):
-        yield Deployment(authorization_server, resource, ran, exchanges)
+    deployment = Deployment(authorization_server, resource, ran, exchanges)
+    try:
+        with serve(authorization_server.app(), as_listener), serve(on_the_wire(guarded, exchanges), mcp_listener):
+            yield deployment
+    finally:
+        SECRETS.update(deployment.secrets)  # conftest.py's end-of-run scan looks for them in every record too
 
 
 @pytest.fixture
 def logs() -> Iterator[list[logging.LogRecord]]:
     """Every record of every logger during the test, any level, from any thread."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler, root = Keep(logging.NOTSET), logging.getLogger()
+    handler, root = ListHandler(), logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.NOTSET)
     try:
-        yield records
+        yield handler.records
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
 
 
-def assert_no_secret_logged(records: list[logging.LogRecord], secret_values: set[str]) -> None:
-    """No token, code, refresh token or client secret in any record: message, arguments or traceback."""
-    formatter = logging.Formatter()
+def assert_none_logged(records: list[logging.LogRecord], secret_values: set[str]) -> None:
+    """No token, code, refresh token or client secret in any record; the failure names the logger only."""
     for record in records:
-        text = record.getMessage() + (formatter.formatException(record.exc_info) if record.exc_info else "")
+        text = record_text(record)
         leaked = any(secret in text for secret in secret_values)
         assert not leaked, f"a secret reached the log of {record.name!r} (not shown here either)"
 
@@ -482,7 +451,7 @@ async def connect(url: str, generation: str, **http_options: Any) -> AsyncIterat
                 yield client
         else:
             async with transport as streams, ClientSession(streams[0], streams[1]) as session:
-                assert (await session.initialize()).protocolVersion == generation
+                assert (await session.initialize()).model_dump(by_alias=True)["protocolVersion"] == generation
                 yield session
 
 
@@ -583,7 +552,7 @@ async def test_the_sdk_client_steps_up_to_the_union_of_scopes_and_the_tool_runs_
     ]
     assert len(authorization_server.clients) == 1  # one registration: the step-up reuses it
     assert deployment.ran.count("delete_project") == 1
-    assert_no_secret_logged(logs, deployment.secrets)
+    assert_none_logged(logs, deployment.secrets)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -609,7 +578,7 @@ async def test_after_a_restart_the_step_up_finds_the_authorization_server_throug
     assert authorization_server.authorizations == [REQUIRED, ["mcp:tools", "projects:delete"]]
     assert len(authorization_server.clients) == 1  # the stored registration is reused
     assert deployment.ran.count("delete_project") == 1
-    assert_no_secret_logged(logs, deployment.secrets)
+    assert_none_logged(logs, deployment.secrets)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -629,7 +598,7 @@ async def test_a_scope_the_server_never_grants_ends_in_an_error_not_a_loop(
     for refusal in refusals:
         assert_step_up_challenge(refusal.challenge, f"mcp:tools {NEVER_GRANTED}", deployment)
     assert "forbidden" not in deployment.ran
-    assert_no_secret_logged(logs, deployment.secrets)
+    assert_none_logged(logs, deployment.secrets)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -664,7 +633,7 @@ async def test_an_api_key_without_the_scope_is_refused_403_and_cannot_step_up(
     assert is_the_sdks_word_for_a_403(error), repr(error)
     assert deployment.ran.count("delete_project") == 0
     assert deployment.authorization_server.authorizations == []  # no OAuth: nowhere to step up to
-    assert_no_secret_logged(logs, deployment.secrets)
+    assert_none_logged(logs, deployment.secrets)
 
 
 def node_with_the_typescript_sdk() -> str:
@@ -746,4 +715,4 @@ def test_the_typescript_sdk_clients_step_up_once_and_stop_at_a_scope_never_grant
     assert deployment.ran.count("delete_project") == 1 and "forbidden" not in deployment.ran
     for refusal in deployment.refusals():
         assert refusal.challenge is not None and "insufficient_scope" in refusal.challenge
-    assert_no_secret_logged(logs, deployment.secrets)
+    assert_none_logged(logs, deployment.secrets)
