@@ -374,7 +374,7 @@ class StaticTokenProvider(BearerAuthProvider):
     def __init__(self, tokens: Mapping[str, Mapping[str, Any]]) -> None:
         if not isinstance(tokens, Mapping):
             raise TypeError(f"tokens must be a mapping of token -> claims, not {type(tokens).__name__}")
-        self._by_digest = _plain_keys(tokens, "token")
+        self._by_digest = _plain_keys(tokens)
         self._file: _KeysFile | None = None
 
     @classmethod
@@ -448,15 +448,15 @@ def _scopes_of(claims: Mapping[str, Any], where: str) -> tuple[str, ...]:
     return tuple(scopes)
 
 
-def _plain_keys(tokens: Mapping[Any, Any], what: str) -> dict[bytes, _Key]:
+def _plain_keys(tokens: Mapping[Any, Any], where: str = "") -> dict[bytes, _Key]:
     """``{token: claims}`` as digests; errors name the entry by position, never by the token itself."""
     keys: dict[bytes, _Key] = {}
     for position, (token, claims) in enumerate(tokens.items(), 1):
         if not isinstance(token, str) or not _TOKEN68.fullmatch(token.encode("utf-8", "replace")):
-            raise ValueError(f"{what} #{position} is not a non-empty RFC 6750 token (A-Z a-z 0-9 -._~+/ then =)")
+            raise ValueError(f"{where}token #{position} is not a non-empty RFC 6750 token (A-Z a-z 0-9 -._~+/ then =)")
         if not isinstance(claims, Mapping):
-            raise TypeError(f"claims of {what} #{position} must be a mapping, not {type(claims).__name__}")
-        scopes = _scopes_of(claims, f"{what} #{position}")
+            raise TypeError(f"{where}claims of token #{position} must be a mapping, not {type(claims).__name__}")
+        scopes = _scopes_of(claims, f"{where}token #{position}")
         keys[_digest(token)] = _Key(_Claims(claims), scopes, None, _key_id(token) or None)
     return keys
 
@@ -498,7 +498,7 @@ def _read_keys(path: str) -> dict[bytes, _Key]:
         keys = _recorded_keys(document["keys"], path)
     else:
         try:
-            keys = _plain_keys(document, f"{path}: token")
+            keys = _plain_keys(document, f"{path}: ")
         except TypeError as exc:
             raise ValueError(str(exc)) from None
     if not keys:
@@ -522,7 +522,7 @@ class _KeysFile:
             self._seen = self._stamp()
             keys = _read_keys(self.path)
         except OSError as exc:
-            raise ValueError(f"cannot read keys file {self.path!r}: {exc.strerror or exc}") from None
+            raise ValueError(f"cannot read {self.path!r}: {exc.strerror or exc}") from None
         self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS if self._watch else math.inf
         return keys
 
@@ -771,10 +771,12 @@ def _key_set(jwt: Any, document: object, algorithms: Sequence[str]) -> _KeySet:
     fitting: dict[str, list[Any]] = {}
     for entry in document["keys"]:
         keys = _jwk_keys(jwt, entry, algorithms)
-        kid = entry.get("kid") if keys else None  # keys: entry is an object whose kid, if any, is a str
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        if isinstance(kid, str):  # a kid the issuer publishes is known, even with no key we can use: no refetch
+            by_kid.setdefault(kid, {})
         for algorithm, key in keys.items():
-            if kid is not None:
-                by_kid.setdefault(kid, {}).setdefault(algorithm, key)
+            if isinstance(kid, str):
+                by_kid[kid].setdefault(algorithm, key)
             fitting.setdefault(algorithm, []).append(key)
     if not fitting:
         raise ValueError(f"no key usable with {', '.join(algorithms)}")
@@ -2718,7 +2720,7 @@ class BearerAuthMiddleware:
         max_body_size = _positive_int("max_body_size", max_body_size)
         scopes = _scope_tokens("required_scopes", required_scopes)
         advertised = scopes if scopes_supported is None else _scope_tokens("scopes_supported", scopes_supported)
-        self._hierarchy = _ScopeHierarchy(scope_implies)
+        self._hierarchy = _NO_HIERARCHY if scope_implies is None else _ScopeHierarchy(scope_implies)
         self._allow_cors_preflight = _flag("allow_cors_preflight", allow_cors_preflight)
         self._origins = _origins(allowed_origins)
         self._audit = _flag("audit", audit)
@@ -3023,7 +3025,8 @@ _FLAGS = {
     "until": "--until",
     "before": "--before",
 }
-_FLAG_NAMES = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
+# A parameter is named first in a message, or as "name=": never inside a value the message quotes.
+_FLAG_NAMES = re.compile(r"^(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b|\b(\w+)(?==)")
 _DURATION = re.compile(r"([1-9][0-9]*)([smhd]?)")
 _DURATION_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -3041,7 +3044,12 @@ def _fail(message: str) -> NoReturn:
 
 def _flagged(exc: Exception) -> NoReturn:
     """A configuration error, told in the command line's words: its flags, not the parameters behind them."""
-    _fail(_FLAG_NAMES.sub(lambda match: _FLAGS[match[1]], str(exc)))
+    _fail(_FLAG_NAMES.sub(_flag_for, str(exc)))
+
+
+def _flag_for(match: re.Match[str]) -> str:
+    name = match[1] or match[2]
+    return _FLAGS.get(name, name)
 
 
 def _prog() -> str:
@@ -3128,7 +3136,7 @@ def _tokens_provider(path: str) -> StaticTokenProvider:
     try:
         provider = StaticTokenProvider.from_file(path)
     except (TypeError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(f"--tokens-file: {exc}")
     with open(path, encoding="utf-8") as file:
         plain = not isinstance(json.load(file).get("keys"), list)
     if plain:
@@ -3273,8 +3281,6 @@ def _demo_tokens() -> tuple[dict[str, dict[str, Any]], str | None]:
 
 
 def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> BearerAuthMiddleware:
-    if args.resource is not None and not args.authorization_server:
-        _fail("--resource needs --authorization-server: RFC 9728 clients cannot use metadata that names none")
     try:
         app = _load_app(args) if args.app else _demo_app(args)
     except ImportError as exc:
@@ -3283,7 +3289,7 @@ def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> Bear
     # builders would print it a second time (logging's last-resort handler writes to stderr).
     logger.disabled = True
     try:
-        return BearerAuthMiddleware(
+        guarded = BearerAuthMiddleware(
             app,
             provider,
             exclude_paths=DEFAULT_EXCLUDED_PATHS if args.exclude is None else args.exclude,
@@ -3299,6 +3305,9 @@ def _guarded_app(args: argparse.Namespace, provider: BearerAuthProvider) -> Bear
         _flagged(exc)
     finally:
         logger.disabled = False
+    if args.resource is not None and not args.authorization_server:  # checked after the URL itself
+        _fail("--resource needs --authorization-server: RFC 9728 clients cannot use metadata that names none")
+    return guarded
 
 
 def _described(provider: object) -> list[str]:
@@ -3430,7 +3439,7 @@ def _revoke_main(argv: list[str]) -> None:
         else:
             store.revoke_subject(*args.subject, before=args.before)
     except (TypeError, ValueError) as exc:
-        _fail(_FLAG_NAMES.sub(lambda match: _FLAGS[match[1]], str(exc)))
+        _flagged(exc)
     except OSError as exc:
         _fail(str(exc))
     print("revoked: every replica refuses it within 2 seconds")

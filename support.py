@@ -289,11 +289,20 @@ async def never_send(message: Message) -> None:
 class Harness:
     """The middleware around a recording app, called with hand-built scopes."""
 
-    def __init__(self, provider: BearerAuthProvider | None = None, app_status: int = 200, **options: Any) -> None:
+    def __init__(
+        self,
+        provider: BearerAuthProvider | None = None,
+        app_status: int = 200,
+        *,
+        read_body: bool = False,
+        **options: Any,
+    ) -> None:
         self.provider = provider if provider is not None else FakeProvider()
         self.app_calls: list[tuple[Scope, AccessToken | None]] = []
+        self.app_bodies: list[list[Message]] = []  # with read_body: the body messages the app received
         self.app_status = app_status
         self.app_headers: Headers = []
+        self.read_body = read_body
         self.middleware = BearerAuthMiddleware(self.app, self.provider, **options)
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -303,6 +312,11 @@ class Harness:
         if scope["type"] == "websocket":
             await send({"type": "websocket.accept"})
             return
+        if self.read_body:
+            received = [await receive()]
+            while received[-1].get("more_body", False):
+                received.append(await receive())
+            self.app_bodies.append(received)
         await send({"type": "http.response.start", "status": self.app_status, "headers": list(self.app_headers)})
         await send({"type": "http.response.body", "body": b"app"})
 
@@ -314,6 +328,7 @@ class Harness:
         method: str = "POST",
         root_path: str = "",
         scope_type: str = "http",
+        body: bytes | list[bytes] = b"",
         **extra: Any,
     ) -> Outcome:
         scope: Scope = {
@@ -333,15 +348,20 @@ class Harness:
         }
         if scope_type == "websocket":
             del scope["method"]
-        return self.call(scope)
+        return self.call(scope, body)
 
-    def call(self, scope: Scope) -> Outcome:
+    def call(self, scope: Scope, body: bytes | list[bytes] = b"") -> Outcome:
+        """One request: its body (a list: one message per part, more_body on all but the last), then a disconnect."""
         messages: list[Message] = []
         calls_before = len(self.app_calls)
         provider_before = len(getattr(self.provider, "calls", []))
+        parts = [body] if isinstance(body, bytes) else list(body)
+        pending: list[Message] = [
+            {"type": "http.request", "body": part, "more_body": n < len(parts) - 1} for n, part in enumerate(parts)
+        ]
 
         async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return pending.pop(0) if pending else {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
             messages.append(message)
@@ -354,12 +374,17 @@ def bearer(token: str) -> Headers:
     return [(b"authorization", f"Bearer {token}".encode())]
 
 
+def api_key_principal(subject: str) -> str:
+    """The principal of an API key's user, as sessions are bound to it: the keys' own issuer and the subject."""
+    return json.dumps(["mcp_bearer:api-key", subject])
+
+
 def session_table(middleware: BearerAuthMiddleware) -> dict[bytes | str, str] | None:
     """The middleware's bound sessions (session id -> principal), None when binding is off.
 
     Private to mcp_bearer; the tests read it through here only, so a rename costs one line.
     """
-    return middleware._sessions
+    return None if middleware._sessions is None else middleware._sessions.owners
 
 
 # --- waiting for something that happens on another thread or task -------------------

@@ -43,13 +43,14 @@ from support import (
     verify,
 )
 
-# CachedProvider's insides are private to mcp_bearer: the tests reach them through these four only.
+# CachedProvider's insides are private to mcp_bearer: the tests reach them through these only.
 WRAPPED = "_verify"  # the attribute that holds the wrapped provider
 
 
 def kept_entries(cache: CachedProvider) -> dict[bytes, Any]:
-    """The verdicts the cache keeps, by SHA-256 digest of the token: (deadline, (claims, scopes, expiry) or None)."""
-    return cache._entries
+    """The verdicts the cache keeps, by SHA-256 digest of the token: a "yes" (deadline, its verdict) or a "no"
+    (its deadline)."""
+    return {**cache._entries, **cache._refused}
 
 
 def verdicts_in_flight(cache: CachedProvider) -> dict[bytes, Any]:
@@ -57,9 +58,9 @@ def verdicts_in_flight(cache: CachedProvider) -> dict[bytes, Any]:
     return cache._flights
 
 
-def kept_claims(claims: dict[str, Any]) -> object:
-    """Claims the way the cache keeps them."""
-    return mcp_bearer._Claims(claims)
+def keep_probe(cache: CachedProvider, claims: dict[str, Any]) -> None:
+    """Put a verdict with these claims in the cache, the way the cache keeps one."""
+    cache._entries[b"probe"] = (0.0, mcp_bearer._Verdict(mcp_bearer._Claims(claims), (), None, None))
 
 
 async def together(n: int, call: Callable[[], Awaitable[Any]]) -> list[Any]:
@@ -323,7 +324,7 @@ def test_cache_holds_no_raw_token_in_memory() -> None:
     assert_holds_no_token(cache, tokens)
     assert not [s for s in SECRETS if s in repr(cache)]
     # The walk would see a token if one were kept: the check can fail.
-    kept_entries(cache)[b"probe"] = (0.0, (kept_claims({"sub": "x", "roles": [{"token": T1}]}), (), None))
+    keep_probe(cache, {"sub": "x", "roles": [{"token": T1}]})
     with pytest.raises(AssertionError, match="raw token"):
         assert_holds_no_token(cache, tokens)
 
@@ -345,8 +346,8 @@ def test_cache_holds_no_raw_token_in_memory() -> None:
         (FakeProvider(), {"negative_ttl": math.nan}, ValueError, "negative_ttl"),
         (FakeProvider(), {"negative_ttl": None}, TypeError, "negative_ttl"),
         (FakeProvider(), {"max_entries": 0}, ValueError, "max_entries"),
-        (FakeProvider(), {"max_entries": 2.5}, ValueError, "max_entries"),
-        (FakeProvider(), {"max_entries": True}, ValueError, "max_entries"),
+        (FakeProvider(), {"max_entries": 2.5}, TypeError, "max_entries"),
+        (FakeProvider(), {"max_entries": True}, TypeError, "max_entries"),
     ],
 )
 def test_cache_refuses_a_bad_configuration(

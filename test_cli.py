@@ -244,21 +244,21 @@ def busy_port() -> Iterator[int]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--tokens-file", "/nonexistent/tokens.json"], "cannot read tokens file '/nonexistent/tokens.json'"),
-        (["--tokens-file", "{tmp}"], "cannot read tokens file"),  # a directory
+        (["--tokens-file", "/nonexistent/tokens.json"], "--tokens-file: cannot read '/nonexistent/tokens.json'"),
+        (["--tokens-file", "{tmp}"], "--tokens-file: cannot read"),  # a directory
         (["--tokens-file", "{tmp}/bad.json"], "is not valid JSON"),
-        (["--tokens-file", "{tmp}/list.json"], "must hold a JSON object of token -> claims"),
-        (["--tokens-file", "{tmp}/flat.json"], "must hold a JSON object of token -> claims"),
-        (["--tokens-file", "{tmp}/badkey.json"], "token #2 is not a non-empty RFC 6750 token"),
+        (["--tokens-file", "{tmp}/list.json"], "must hold a JSON object: {{token: claims}}, or a keys file"),
+        (["--tokens-file", "{tmp}/flat.json"], "flat.json: claims of token #1 must be a mapping"),
+        (["--tokens-file", "{tmp}/badkey.json"], "badkey.json: token #2 is not a non-empty RFC 6750 token"),
         (["no_such_module_xyz:app"], "cannot import module 'no_such_module_xyz'"),
         (["json:no_such_app"], "module 'json' has no attribute 'no_such_app'"),
         (["json"], "must look like MODULE:ATTR"),
         (["json:__name__"], "neither an ASGI app nor an MCP server"),
         (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
         (["--port", "http"], "argument --port: invalid int value"),
-        (["--resource", "not-a-url"], "resource must be an absolute http(s) URL"),
+        (["--resource", "not-a-url"], "--resource must be an absolute http(s) URL"),
         (["--required-scope", "two words"], "is not an RFC 6749 scope-token"),
-        (["--exclude", "health"], "exclude_paths entries must start with '/'"),
+        (["--exclude", "health"], "--exclude entries must start with '/'"),  # the flag the user typed
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     ],
 )
@@ -300,10 +300,10 @@ def test_cli_help_explains_and_every_entry_point_refuses_alike(command: tuple[st
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--jwks-url", "https://a.example/k", "--issuer", "x"], "--jwks-url needs --issuer and --audience"),
-        (["--jwks-url", "https://a.example/k", "--audience", "x"], "--jwks-url needs --issuer and --audience"),
-        (["--issuer", "x", "--audience", "y"], "--issuer and --algorithm need --jwks-url"),
-        (["--audience", "y"], "--audience needs --jwks-url or --introspection-url"),
+        (["--jwks-url", "https://a.example/k", "--issuer", "x"], "--jwks-url and --jwt-key-file need --issuer and"),
+        (["--jwks-url", "https://a.example/k", "--audience", "x"], "--jwks-url and --jwt-key-file need --issuer and"),
+        (["--issuer", "x", "--audience", "y"], "--issuer, --algorithm, --leeway and the --jwks-* options need"),
+        (["--audience", "y"], "--audience needs --jwks-url, --jwt-key-file or --introspection-url"),
         (["--introspection-url", "https://a.example/i"], "needs --client-id and the client secret in $MCP_BEARER"),
         (["--introspection-url", "https://a.example/i", "--client-id", "c", "--no-secret"], "client secret in $MCP"),
         (["--client-id", "c"], "--client-id needs --introspection-url"),
@@ -315,7 +315,7 @@ def test_cli_help_explains_and_every_entry_point_refuses_alike(command: tuple[st
         (["--introspection-url", "https://a.example/i", "--client-id", "c", "--tokens-file", "/nonexistent"], "read"),
         (["--cache-ttl", "0"], "ttl must be a finite number of seconds, > 0"),
         (["--cache-ttl", "soon"], "argument --cache-ttl: invalid float value"),
-        (["--jwks-url", "http://a.example/k", "--issuer", "x", "--audience", "y"], "jwks_url must use https://"),
+        (["--jwks-url", "http://a.example/k", "--issuer", "x", "--audience", "y"], "--jwks-url must use https://"),
         (["--jwks-url", "https://a.example/k", "--issuer", "x", "--audience", "y", "--algorithm", "none"], "'none'"),
         (["--jwks-url", "https://a.example/k", "--issuer", "x", "--audience", "y", "--algorithm", "HS256"], "HMAC"),
     ],
@@ -373,5 +373,9 @@ def test_cli_chains_api_keys_and_cached_introspection_and_prints_the_audit_trail
     trail = [line for line in stderr if " mcp_bearer.audit " in line]
     outcomes = [line.split(" mcp_bearer.audit ", 1)[1].split(":", 1)[0] for line in trail]
     assert outcomes == ["allowed"] * 4 + ["401 invalid_token", "401 unauthorized"], stderr
-    assert "principal bob" in trail[0] and "principal dana" in trail[1]
+    # The principals sessions are bound to: the API keys' own issuer for bob, the IdP's (or its
+    # provider's place in the chain) for dana; quoted, as everything a client or an IdP supplies.
+    assert """principal '["mcp_bearer:api-key", "bob"]'""" in trail[0] and """"dana"]'""" in trail[1]
+    assert "reason 'inactive (introspection)'" in trail[4]
+    assert [line for line in stderr if "holds keys in plain text" in line]  # warned: keys.json is plain
     assert not [line for line in stderr if any(secret in line for secret in (BOB, ACTIVE, INACTIVE, CLIENT_SECRET))]

@@ -246,7 +246,7 @@ def test_a_send_that_fails_mid_refusal_is_not_reported_as_a_provider_failure(ref
         anyio.run(harness.middleware, scope, receive, send)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 401
-    assert not records
+    assert not [r for r in records if r.levelno > logging.DEBUG]  # at most why the token was refused
     assert harness.app_calls == []
 
 
@@ -260,7 +260,7 @@ def test_a_send_that_fails_mid_refusal_is_not_reported_as_a_provider_failure(ref
         ({"exclude_paths": ["health"]}, ValueError, "must start with '/'"),
         ({"exclude_paths": ["/ok\n"]}, ValueError, "control characters"),
         ({"max_token_length": 0}, ValueError, "max_token_length must be a positive int"),
-        ({"max_token_length": True}, ValueError, "max_token_length must be a positive int"),
+        ({"max_token_length": True}, TypeError, "max_token_length must be a positive int, not bool"),
         ({"max_sessions": 0}, ValueError, "max_sessions must be a positive int"),
         ({"required_scopes": "read"}, TypeError, "required_scopes must be a list or tuple"),
         ({"required_scopes": ["read write"]}, ValueError, "scope-token"),
@@ -381,10 +381,16 @@ def test_websocket_with_valid_token_is_accepted() -> None:
     ],
     ids=["preflight", "preflight-odd-case", "origin-only", "method-only", "bare-options", "preflight-disabled"],
 )
-def test_only_a_real_cors_preflight_passes_without_credentials(headers: Headers, allow: bool, passes: bool) -> None:
-    outcome = Harness(allow_cors_preflight=allow).request(headers, method="OPTIONS")
-    assert (outcome.status == 200) is passes and bool(outcome.app_calls) is passes
-    if not passes:
+def test_only_a_real_cors_preflight_is_answered_without_credentials_and_never_by_the_app(
+    headers: Headers, allow: bool, passes: bool
+) -> None:
+    """A preflight can never act: the middleware answers it, so no app (nor an older SDK) ever sees one."""
+    outcome = Harness(allow_cors_preflight=allow).request(headers, method="OPTIONS", body=b'{"jsonrpc": "2.0"}')
+    assert (outcome.status == 204) is passes and outcome.app_calls == []
+    if passes:
+        assert outcome.body == b"" and outcome.header("access-control-allow-origin") == "*"
+        assert outcome.header("access-control-allow-headers") == "authorization, *"
+    else:
         assert outcome.status == 401 and outcome.json() == UNAUTHORIZED
     assert outcome.provider_calls == []
 
@@ -469,6 +475,8 @@ APP: Response = (200, "app")  # what Harness's app answers
 RAISES: Response = ("raises", RuntimeError)
 Expected = tuple[Response, list[str], bool]  # (response, tokens the provider was asked about, app called)
 PUBLIC: Expected = (APP, [], True)
+PREFLIGHT_ANSWER: Response = (204, None)  # answered by the middleware, no body
+ANSWERED_PREFLIGHT: Expected = (PREFLIGHT_ANSWER, [], False)
 NO_CREDENTIALS: Expected = ((401, UNAUTHORIZED), [], False)
 MALFORMED_400: Expected = ((400, MALFORMED), [], False)
 TOO_LONG: Expected = ((401, INVALID_TOKEN), [], False)
@@ -501,6 +509,8 @@ def observe(outcome: Outcome) -> Response:
         return ("accept", None)
     if first["type"] == "http.response.start":
         assert_well_formed_http(outcome.messages)
+    if first["status"] == 204:
+        return 204, None if outcome.body == b"" else outcome.body
     return first["status"], "app" if outcome.body == b"app" else outcome.json()
 
 
@@ -613,11 +623,11 @@ ADVERSARIAL = [
     case("options-bare", [], NO_CREDENTIALS, method="OPTIONS"),
     case("options-origin-only", PREFLIGHT[:1], NO_CREDENTIALS, method="OPTIONS"),
     case("options-acrm-only", PREFLIGHT[1:], NO_CREDENTIALS, method="OPTIONS"),
-    case("options-preflight", PREFLIGHT, PUBLIC, method="OPTIONS"),
+    case("options-preflight", PREFLIGHT, ANSWERED_PREFLIGHT, method="OPTIONS"),
     case(
         "options-preflight-odd-case",
         [(b"ORIGIN", b"x"), (b"Access-Control-Request-Method", b"GET")],
-        PUBLIC,
+        ANSWERED_PREFLIGHT,
         method="OPTIONS",
     ),
     case("options-lowercase-method", PREFLIGHT, NO_CREDENTIALS, method="options"),
@@ -683,7 +693,7 @@ def oracle(
         return [APP], None
     names = [name.lower() for name, _ in headers]
     if method == "OPTIONS" and b"origin" in names and b"access-control-request-method" in names:
-        return [APP], None
+        return [PREFLIGHT_ANSWER], None
     values = [value for name, value in headers if name.lower() == b"authorization"]
     if not values:
         return [(401, UNAUTHORIZED)], None
@@ -862,7 +872,14 @@ def test_provider_failures_are_500_and_fail_closed(kind: str, data: st.DataObjec
     elif kind == "valid":
         assert observe(outcome) == APP
     else:
-        assert observe(outcome) == (401, INVALID_TOKEN) and not records
+        # Refused, not failed: one DEBUG record says why, for operators; nothing louder.
+        assert observe(outcome) == (401, INVALID_TOKEN)
+        assert [(r.levelno, r.getMessage()) for r in records] == [
+            (
+                logging.DEBUG,
+                "token refused: 'expired'" if kind == "expired" else "token refused: 'refused by the provider'",
+            )
+        ]
     assert bool(harness.app_calls) is (kind == "valid")
 
 

@@ -137,7 +137,8 @@ def test_metadata_paths_are_exact_and_other_methods_are_guarded() -> None:
     for path in ("/.well-known/oauth-protected-resource/", "/.well-known/oauth-protected-resource/other"):
         assert harness.request([], path=path, method="GET").status == 401
     assert harness.request([], path="/.well-known/oauth-protected-resource", method="POST").status == 401
-    assert Harness().request([], path="/.well-known/oauth-protected-resource", method="GET").status == 401
+    # Without resource= there is no metadata, and no OAuth: a probing OAuth client gets 404, not 401.
+    assert Harness().request([], path="/.well-known/oauth-protected-resource", method="GET").status == 404
 
 
 def test_scopes_supported_can_differ_from_required_scopes() -> None:

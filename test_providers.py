@@ -48,7 +48,8 @@ def test_static_provider_keeps_only_digests() -> None:
     provider = StaticTokenProvider({BOB: {"sub": "bob"}})
     assert BOB not in repr(vars(provider))
     assert BOB.encode() not in repr(vars(provider)).encode()
-    assert anyio.run(provider.verify_token, BOB) == AccessToken(BOB, {"sub": "bob"}, [])
+    # Its own source: an API key's subject never passes for an IdP's (principal_key).
+    assert anyio.run(provider.verify_token, BOB) == AccessToken(BOB, {"sub": "bob"}, [], None, "mcp_bearer:api-key")
     assert anyio.run(provider.verify_token, BOB[:-1]) is None
     assert anyio.run(provider.verify_token, "caf\u00e9") is None  # non-ASCII str does not raise
 
@@ -71,7 +72,7 @@ def test_static_provider_scopes_come_from_claims_and_copies_are_returned() -> No
         ({"has space": {}}, ValueError, "token #1 is not"),
         ({BOB: {}, "sk-\u00e9": {}}, ValueError, "token #2 is not"),
         ({BOB: "bob"}, TypeError, "claims of token #1 must be a mapping"),
-        ({BOB: {"scopes": "read write"}}, TypeError, '"scopes" of token #1 must be a list'),
+        ({BOB: {"scopes": "read write"}}, TypeError, 'token #1: "scopes" must be a list'),
     ],
 )
 def test_static_provider_refuses_bad_tokens_without_echoing_them(tokens: Any, error: type, match: str) -> None:

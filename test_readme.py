@@ -110,7 +110,9 @@ async def test_readme_jwt_provider_example_works_as_written() -> None:
 
 def key_set_settings(provider: JWTProvider) -> tuple[bool, str | None, tuple[str, ...]]:
     """Whether a key set was fetched yet, the JWKS URL, the pinned algorithms: private to mcp_bearer."""
-    return provider._key_set_now is not None, provider._jwks_url, provider._algorithms
+    jwks = provider._jwks
+    assert jwks is not None
+    return jwks.key_set is not None, jwks.url, provider._algorithms
 
 
 def test_readme_identity_provider_settings_construct_offline() -> None:

@@ -140,15 +140,19 @@ def test_e2e_cors_preflight_and_readable_401_from_a_browser() -> None:
             assert status == 401 and headers["www-authenticate"] == "Bearer"
             assert headers["access-control-allow-origin"] == origin
             assert "www-authenticate" in headers["access-control-expose-headers"].lower()
-    # CORS inside the app: the middleware lets only the real preflight through.
+    # CORS inside the app: the middleware answers the real preflight itself (it could act in the app,
+    # or in an older SDK), and the app's CORSMiddleware still decides who may read the answers.
     inside = BearerAuthMiddleware(
         CORSMiddleware(mcp_app(whoami), allow_origins=[origin], allow_methods=["POST"], allow_headers=["*"]),
         FakeProvider(),
     )
     with serve(inside) as base:
-        status, headers, _ = raw_request(base, "OPTIONS", "/mcp", preflight)
-        assert status == 200 and headers["access-control-allow-origin"] == origin
+        status, headers, body = raw_request(base, "OPTIONS", "/mcp", preflight)
+        assert (status, body) == (204, b"") and headers["access-control-allow-origin"] == "*"
+        assert headers["access-control-allow-headers"] == "authorization, *"
         assert raw_request(base, "OPTIONS", "/mcp", {"Origin": origin})[0] == 401
+        status, headers, _ = raw_request(base, "POST", "/mcp", {**MCP_POST_HEADERS, "Origin": origin}, INITIALIZE)
+        assert status == 401  # the app's CORS adds nothing to a refusal made before it: README says put it outside
 
 
 # --- the same app under every ASGI server we support ------------------------------------

@@ -39,6 +39,7 @@ from support import (
     Send,
     Server,
     Tally,
+    api_key_principal,
     as_whoami_sees,
     bearer,
     call_json,
@@ -339,7 +340,7 @@ async def test_e2e_sse_binding_ends_with_the_stream_and_the_table_stays_bounded(
     middleware = BearerAuthMiddleware(sse_app(whoami), FakeProvider(), max_sessions=2)
     with serve(middleware) as base:
         async with sse_session(base, ALICE_1) as (_, first_id):
-            assert session_table(middleware) == {first_id: "sub:alice"}
+            assert session_table(middleware) == {first_id: api_key_principal("alice")}
             async with sse_session(base, ALICE_1) as (_, second_id), sse_session(base, BOB) as (third, third_id):
                 assert set(session_table(middleware) or ()) == {second_id, third_id}  # the oldest was forgotten
                 # Forgotten is refused, even for its owner, rather than left unguarded: they reconnect.
