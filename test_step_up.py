@@ -556,11 +556,14 @@ async def test_the_sdk_client_steps_up_to_the_union_of_scopes_and_the_tool_runs_
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
-async def test_after_a_restart_the_step_up_finds_the_authorization_server_through_the_challenge(
+async def test_after_a_restart_a_stored_token_steps_up_by_discovering_again_and_keeps_its_grant(
     deployment: Deployment, generation: str, logs: list[logging.LogRecord]
 ) -> None:
-    """A client holding only a stored token knows no authorization server: the 403's resource_metadata
-    (RFC 9728 section 5.1) is where it learns one, and the stored grant is kept in the union."""
+    """A client holding only a stored token knows no authorization server, so the 403 sends it to the
+    protected resource metadata (RFC 9728) first; the stored grant is kept in what it asks for.
+
+    The SDK would find the metadata without the challenge's resource_metadata too: its fallback,
+    the well-known URL built from the server URL (RFC 9728 section 3.1), is where mcp_bearer serves it."""
     authorization_server = deployment.authorization_server
     storage = MemoryStorage()
     with anyio.fail_after(WAIT):
