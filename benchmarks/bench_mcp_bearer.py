@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import hashlib
 import importlib
@@ -83,6 +84,7 @@ from mcp_bearer import (
     JWTProvider,
     Message,
     Receive,
+    RedisStore,
     Scope,
     Send,
     StaticTokenProvider,
@@ -130,6 +132,8 @@ TARGET_CACHE_RATIO = 1.25  # a CachedProvider hit / the same request with Static
 TARGET_INTROSPECTION_E2E = 0.9  # tools/call rps, cached introspection / StaticTokenProvider
 TARGET_OPERATION_US = 5.0  # operation_scopes on a 300-byte tools/call, over the same request without it
 TARGET_SDK_IDENTITY_US = 0.5  # the caller handed to the MCP SDK, when nothing reads it
+TARGET_STORE_LOCAL_US = 0.2  # a CachedProvider local hit with a RedisStore, over one without
+TARGET_STORE_SHARED_MS = 0.5  # a verdict answered from Redis on loopback (a local miss), p50
 INTROSPECTION_DELAY = 0.005  # seconds the e2e introspection endpoint takes per answer
 
 
@@ -343,7 +347,7 @@ class Variant:
     rounds_ns: list[float] = field(default_factory=list)  # per-round mean ns per request
 
 
-def build_variants(baseline: str | None = None) -> list[Variant]:
+def build_variants(baseline: str | None = None, store: RedisStore | None = None) -> list[Variant]:
     valid, missing, invalid = (make_scope("/mcp", token) for token in (VALID_TOKEN, None, INVALID_TOKEN))
     variants = [Variant("bare", "bare", "valid", hello_app, valid, 200)]
     guards = (("ours", "ours", ours), ("sdk", "SDK stack", sdk_stack), ("basehttp", "BaseHTTP", base_http))
@@ -367,6 +371,10 @@ def build_variants(baseline: str | None = None) -> list[Variant]:
         hello_app, CachedProvider(StaticTokenProvider({VALID_TOKEN: CLAIMS})), sdk_identity=False
     )
     variants.append(Variant("ours: cached token", "cache", "valid", cached, valid, 200, static))
+    if store is not None:  # a local hit with a store: the deny-list check, from its local copy
+        provider = CachedProvider(StaticTokenProvider({VALID_TOKEN: CLAIMS}), store=store)
+        app = BearerAuthMiddleware(hello_app, provider, sdk_identity=False)
+        variants.append(Variant("ours: cached, with a store", "cache", "valid", app, valid, 200, "ours: cached token"))
     variants.append(Variant("ours: valid, audit=True", "audit", "valid", audited(hello_app), valid, 200, static))
     sdk = ours(hello_app, sdk_identity=True)
     variants.append(Variant("ours: valid, SDK identity", "sdk-identity", "valid", sdk, valid, 200, static))
@@ -763,7 +771,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | None) -> list[dict[str, Any]]:
+def evaluate_targets(
+    micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | None, shared: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     def target(name: str, value: float | None, limit: float, at_least: bool = False) -> dict[str, Any]:
         met = value is not None and (value >= limit if at_least else value <= limit)
         verdict = "SKIP" if value is None else "PASS" if met else "MISS"
@@ -810,6 +820,16 @@ def evaluate_targets(micro: dict[str, dict[str, Any]], e2e: dict[str, Any] | Non
             TARGET_SDK_IDENTITY_US,
         ),
         target(
+            f"a local cache hit with a store: within +{TARGET_STORE_LOCAL_US} us of one without",
+            micro["ours: cached, with a store"]["minus_against_us"] if shared else None,
+            TARGET_STORE_LOCAL_US,
+        ),
+        target(
+            f"a shared-store hit (local miss), p50 <= {TARGET_STORE_SHARED_MS} ms",
+            shared["p50_ms"] if shared else None,
+            TARGET_STORE_SHARED_MS,
+        ),
+        target(
             f"e2e tools/call, cached introspection / static >= {TARGET_INTROSPECTION_E2E}",
             introspection_ratio,
             TARGET_INTROSPECTION_E2E,
@@ -847,6 +867,15 @@ def print_report(results: dict[str, Any]) -> None:
     for name, r in results["memory"].items():
         print(f"{name:<26} {r['requests']:>10} {r['peak_bytes']:>12} {r['retained_bytes']:>15}")
 
+    shared = results["shared_store"]
+    if shared is None:
+        print("\nshared store: not run (needs redis-server on PATH and the redis client)")
+    else:
+        print(
+            f"\nshared store (redis-server on loopback): a local miss answered from Redis, {shared['requests']} "
+            f"requests: p50 {shared['p50_ms']:.3f} ms, p90 {shared['p90_ms']:.3f} ms"
+        )
+
     e2e = results["e2e"]
     if e2e is None:
         print("\ne2e: not run (add --e2e)")
@@ -883,8 +912,76 @@ def print_report(results: dict[str, Any]) -> None:
 # --- main ---------------------------------------------------------------------------------------
 
 
+class LocalRedis:
+    """A redis-server of our own on a free loopback port, for the shared-store rows; None without one."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="bench-redis-")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            command, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise SystemExit("bench_mcp_bearer: redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+async def shared_hits(store: RedisStore, requests: int) -> dict[str, Any]:
+    """A verdict another replica kept: each request misses its local cache and is answered from Redis."""
+    provider = StaticTokenProvider({VALID_TOKEN: CLAIMS})
+    writer = CachedProvider(provider, store=store)
+    assert await writer.verify_token(VALID_TOKEN) is not None  # kept in Redis by "another replica"
+    reader = CachedProvider(FailingProvider(), store=store)  # a replica whose own provider is never asked
+    times = []
+    for _ in range(requests):
+        reader._entries.clear()  # this replica's own cache only (clear() would reach every replica)
+        start = time.perf_counter_ns()
+        access = await reader.verify_token(VALID_TOKEN)
+        times.append(time.perf_counter_ns() - start)
+        assert access is not None
+    times.sort()
+    return {
+        "requests": requests,
+        "p50_ms": times[len(times) // 2] / 1e6,
+        "p90_ms": times[len(times) * 9 // 10] / 1e6,
+    }
+
+
+class FailingProvider(BearerAuthProvider):
+    async def verify_token(self, token: str) -> AccessToken | None:
+        raise AssertionError("the shared verdict should have answered")
+
+
 async def run_in_process(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict[str, Any], ...]:
-    variants = build_variants(args.baseline)
+    redis = LocalRedis() if shutil.which("redis-server") and importlib.util.find_spec("redis") else None
+    store = RedisStore(f"redis://127.0.0.1:{redis.port}/0") if redis else None
+    try:
+        return await measure_all(args, log, store)
+    finally:
+        if store is not None:
+            store.close()
+        if redis is not None:
+            redis.stop()
+
+
+async def measure_all(
+    args: argparse.Namespace, log: Callable[[str], None], store: RedisStore | None
+) -> tuple[dict[str, Any], ...]:
+    if store is not None:
+        assert await store.check(AccessToken("", {})) is False  # the reader's first copy of the deny list
+    variants = build_variants(args.baseline, store)
     gc.collect()
     gc.freeze()  # set-up objects out of the collector's way: collections then cost the same in every variant
     await run_micro(variants, args.requests, args.rounds, log)
@@ -894,7 +991,11 @@ async def run_in_process(args: argparse.Namespace, log: Callable[[str], None]) -
     memory = {}
     for name in ("bare", "ours: valid token", "SDK stack: valid token"):
         memory[name] = await measure_memory(by_name[name].app, by_name[name].template, args.memory_requests)
-    return micro, memory
+    shared = None
+    if store is not None:
+        log("shared-store hits")
+        shared = await shared_hits(store, 200 if args.quick else 2000)
+    return micro, memory, shared
 
 
 def main() -> None:
@@ -929,7 +1030,7 @@ def main() -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    micro, memory = asyncio.run(run_in_process(args, log))
+    micro, memory, shared = asyncio.run(run_in_process(args, log))
     e2e = run_e2e(args.e2e_rounds, args.e2e_seconds, args.e2e_connections, log) if args.e2e else None
     results: dict[str, Any] = {
         "machine": machine(),
@@ -942,9 +1043,10 @@ def main() -> None:
         },
         "micro": micro,
         "memory": memory,
+        "shared_store": shared,
         "e2e": e2e,
     }
-    results["targets"] = evaluate_targets(micro, e2e)
+    results["targets"] = evaluate_targets(micro, e2e, shared)
     results["seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(results, indent=2))
