@@ -42,22 +42,28 @@ from support import (
 )
 
 
-def readme_block(marker: str) -> str:
-    """The README's python code block that contains ``marker``."""
+def readme_block(marker: str, language: str = "python") -> str:
+    """The README's code block (```language) that contains ``marker``: exactly one."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
-        blocks = readme.read().split("```python\n")[1:]
+        blocks = readme.read().split(f"```{language}\n")[1:]
     (block,) = [b.split("```", 1)[0] for b in blocks if marker in b]
     return block
+
+
+def readme_server(marker: str) -> str:
+    """A README server block, as a reader on this mcp generation pastes it (the import comment says how)."""
+    source = readme_block(marker)
+    if MCP_MAJOR == 1:
+        source = source.replace(
+            "from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer"
+        )
+    return source
 
 
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_readme_quick_start_server_works_as_written() -> None:
-    source = readme_block("# server.py")
-    if MCP_MAJOR == 1:
-        source = source.replace(
-            "from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer"
-        )
+    source = readme_server("# server.py")
     SECRETS.update({"sk-abc123", "sk-def456"})
     namespace: dict[str, Any] = {"__name__": "server"}
     exec(compile(source, "README.md:server.py", "exec"), namespace)
@@ -154,27 +160,15 @@ def test_readme_introspection_cache_and_chain_compose_as_written(monkeypatch: py
 # --- per-operation authorization, as the README's worked example has it ----------------
 
 
-def readme_http_block(marker: str) -> str:
-    """The README's http code block that contains ``marker``."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
-        blocks = readme.read().split("```http\n")[1:]
-    (block,) = [b.split("```", 1)[0] for b in blocks if marker in b]
-    return block
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_readme_per_operation_example_answers_the_403_it_shows() -> None:
     """The CI robot's key may list but not rename: the 403 it gets is the one the README prints."""
-    source = readme_block("# projects_server.py")
-    if MCP_MAJOR == 1:
-        source = source.replace(
-            "from mcp.server.mcpserver import MCPServer", "from mcp.server.fastmcp import FastMCP as MCPServer"
-        )
+    source = readme_server("# projects_server.py")
     SECRETS.add("sk-ci-robot")
     namespace: dict[str, Any] = {"__name__": "projects_server"}
     exec(compile(source, "README.md:projects_server.py", "exec"), namespace)
-    shown = readme_http_block("HTTP/1.1 403 Forbidden")
+    shown = readme_block("HTTP/1.1 403 Forbidden", "http")
     shown_challenge = next(line for line in shown.splitlines() if line.startswith("www-authenticate: "))
     shown_body = json.loads(shown.strip().splitlines()[-1])
     robot = {"Authorization": "Bearer sk-ci-robot", **MCP_POST_HEADERS}
