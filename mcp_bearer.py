@@ -2050,9 +2050,11 @@ class _Throttle:
         wait = times[0] + self._window - now if times is not None and len(times) == self._max_failures else 0.0
         if self._store is not None:  # the budget of every replica together, as the store's reader last saw it
             wait = max(wait, self._store.throttled_until(address) - time.time())
-        accepted = self._accepted.get(_digest(token))
-        if wait <= 0 or (accepted is not None and now - accepted < self._window):
+        if wait <= 0:
             return None
+        accepted = self._accepted.get(_digest(token))
+        if accepted is not None and now - accepted < self._window:
+            return None  # accepted lately: a valid user behind the same address as a sprayer
         return _retry_later(self._too_many, math.ceil(wait))
 
     def failed(self, scope: Scope) -> None:
