@@ -390,7 +390,7 @@ class StaticTokenProvider(BearerAuthProvider):
         loop, and a changed one replaces the whole set; a broken edit keeps the last good set (one ERROR).
         """
         keys_file = _KeysFile(os.fspath(path), watch=_flag("watch", watch))
-        provider = cls({})
+        provider = _FileTokenProvider({}) if keys_file.watched else cls({})
         provider._by_digest, provider._file = keys_file.load(), keys_file
         return provider
 
@@ -398,16 +398,24 @@ class StaticTokenProvider(BearerAuthProvider):
         return f"StaticTokenProvider({len(self._by_digest)} keys)"
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        if self._file is not None and self._file.due():
-            self._by_digest = await self._file.refreshed(self._by_digest)
-        key_id = _key_id(token)
-        if key_id == "":
-            return _refused("malformed API key (its checksum does not hold)")
         entry = self._by_digest.get(_digest(token))
         if entry is None:
+            key_id = _key_id(token)
+            if key_id == "":
+                return _refused("malformed API key (its checksum does not hold)")
             return _refused(f"unknown or revoked API key {key_id}" if key_id else "unknown API key")
         claims, scopes, expires_at, _ = entry
         return AccessToken(token, claims.copy(), list(scopes), expires_at, _API_KEYS)
+
+
+class _FileTokenProvider(StaticTokenProvider):
+    """A StaticTokenProvider that follows its keys file: checked at most once a second, before a lookup."""
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        assert self._file is not None
+        if self._file.due():
+            self._by_digest = await self._file.refreshed(self._by_digest)
+        return await super().verify_token(token)
 
 
 # --- API keys of our own: made, listed and revoked by `mcp-bearer keys`, stored as digests --------------
@@ -517,7 +525,7 @@ class _KeysFile:
 
     def __init__(self, path: str, *, watch: bool) -> None:
         self.path = path
-        self._watch = watch
+        self.watched = watch
         self._seen: tuple[int, int, int] | None = None
         self._next_check = math.inf
         self._check: concurrent.futures.Future[dict[bytes, _Key] | None] | None = None
@@ -529,7 +537,7 @@ class _KeysFile:
             keys = _read_keys(self.path)
         except OSError as exc:
             raise ValueError(f"cannot read {self.path!r}: {exc.strerror or exc}") from None
-        self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS if self._watch else math.inf
+        self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS if self.watched else math.inf
         return keys
 
     def due(self) -> bool:
@@ -2780,6 +2788,7 @@ class BearerAuthMiddleware:
             _checked_text("realm", realm, header=True)
         self._refusals = _Refusals(realm=realm, scopes=scopes, metadata_url=metadata_url)
         self._no_oauth = None if resource is not None else self._refusals.no_oauth
+        self._invalid_token = self._refusals.invalid_token
         self._sessions = _SessionOwners(max_sessions, self._refusals.session_not_found) if bind_sessions else None
         self._operations = None
         if operation_scopes is not None:
@@ -2818,7 +2827,7 @@ class BearerAuthMiddleware:
         if maybe_public and (public := self._public(scope)) is not None:
             return await self._answer_public(scope, receive, send, public)
 
-        token, session_id, routing = self._credentials(scope["headers"])
+        token, session_id, routing = self._credentials(scope)
         if not isinstance(token, str):
             return await self._refuse(scope, send, token)
         if self._throttle is not None and (throttled := self._throttle.refusal(scope, token)) is not None:
@@ -2906,9 +2915,7 @@ class BearerAuthMiddleware:
             return _PREFLIGHT
         return None
 
-    def _credentials(
-        self, headers: Iterable[tuple[bytes, bytes]]
-    ) -> tuple[str | _Response, bytes | None, list[tuple[bytes, bytes]]]:
+    def _credentials(self, scope: Scope) -> tuple[str | _Response, bytes | None, list[tuple[bytes, bytes]]]:
         """The bearer token, the ``Mcp-Session-Id`` and the MCP routing headers of a request; a refusal
         instead of the token where there is none or it is malformed.
 
@@ -2922,7 +2929,7 @@ class BearerAuthMiddleware:
         authorizations = 0
         routing: list[tuple[bytes, bytes]] = _NO_ROUTING
         watched = self._watched_name_sizes
-        for name, value in headers:
+        for name, value in scope["headers"]:
             if len(name) in watched:
                 name = name.lower()
                 if name == b"authorization":
@@ -2933,6 +2940,10 @@ class BearerAuthMiddleware:
                 elif name in _ROUTING_HEADERS:
                     routing = [*routing, (name, value)]
         if authorization is None:
+            path = scope["path"]  # an OAuth client probing a server without resource=: no OAuth here
+            discovery = "/.well-known/" in path or "/register" in path
+            if discovery and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
+                return self._no_oauth, session_id, routing
             return self._refusals.unauthorized, session_id, routing
         if authorizations > 1:  # which one would the app trust? Refuse rather than guess.
             return self._refusals.malformed, session_id, routing
@@ -2942,7 +2953,10 @@ class BearerAuthMiddleware:
         token: bytes = credentials[1]
         if len(token) > self._max_token_length:
             _refused(f"longer than max_token_length ({self._max_token_length})")
-            return self._refusals.invalid_token, session_id, routing
+            return self._invalid_token, session_id, routing
+        if token.startswith(b"mcpb_") and _key_id(token.decode("ascii")) == "":  # refused before any provider asks
+            _refused("malformed API key (its checksum does not hold)")
+            return self._invalid_token, session_id, routing
         return token.decode("ascii"), session_id, routing
 
     def _refusal_for(self, authorization: bytes) -> _Response:
@@ -2981,10 +2995,8 @@ class BearerAuthMiddleware:
         return None
 
     async def _refuse(self, scope: Scope, send: Send, refusal: _Response, access: object = None) -> None:
-        if refusal.status == 401 and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
-            refusal = self._no_oauth  # an OAuth client probing a server without resource=: no OAuth here
         reason = None
-        if refusal.error == "invalid_token":  # a token refused: why, for operators only (DEBUG, the audit trail)
+        if refusal is self._invalid_token:  # a token refused: why, for operators only (DEBUG, the audit trail)
             reason = (
                 "expired" if isinstance(access, AccessToken) else _refusal_reason.get() or "refused by the provider"
             )
