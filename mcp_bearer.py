@@ -1531,7 +1531,15 @@ class RedisStore:
                 "url must be a redis://, rediss:// or unix:// URL"
             )  # never the URL: it may hold a password
         parts = urlsplit(url)
-        self._where = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        # An unencoded '/', '?' or '#' in the password ends the host part early: the rest of the password
+        # would be read as host, port or path, and quoted wherever those are (messages, repr, logs).
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise ValueError("url must percent-encode its password ('/' as %2F, '?' as %3F, '#' as %23)")
+        try:
+            port = parts.port
+        except ValueError:  # its message quotes the text after the last ':', which may be the password
+            raise ValueError("url has an invalid port") from None
+        self._where = f"{parts.scheme}://{parts.hostname or ''}{f':{port}' if port else ''}{parts.path}"
         self._prefix = _checked_text("prefix", prefix, header=True)
         self._timeout = _seconds("timeout", timeout)
         self._max_lifetime = _seconds("max_token_lifetime", max_token_lifetime)
