@@ -1554,6 +1554,7 @@ class RedisStore:
         self.throttled: dict[str, float] = {}  # address digest -> throttled until (Unix seconds)
         self._deny_version: bytes | None = b"unread"
         self._since = time.time()  # invalidations read up to here
+        self._read_at_since: set[tuple[bytes, float]] = set()  # those read with the score _since: applied
         self.generation: bytes = b"0"  # of shared verdicts: clear() moves every replica to a new one
         self.events: collections.deque[tuple[int, bytes | None]] = collections.deque(maxlen=_MAX_STORE_EVENTS)
         self.version = 0  # counts events: caches compare it with what they applied, per request, for free
@@ -1720,8 +1721,11 @@ class RedisStore:
             self.generation = generation
             self._event(None)
         for member, score in invalidated:
-            self._event(bytes.fromhex(member.decode()))
-            self._since = max(self._since, score)
+            if (member, score) not in self._read_at_since:  # the bound is inclusive: the last ones come again
+                self._event(bytes.fromhex(member.decode()))
+        if invalidated:
+            self._since = max(score for _, score in invalidated)
+            self._read_at_since = {(member, score) for member, score in invalidated if score == self._since}
         self._synced_at = time.monotonic()
         if self._down:
             self._down = False
