@@ -1597,7 +1597,9 @@ class RedisStore:
         try:
             pipe = self._client.pipeline(transaction=True)
             pipe.hset(self._key("deny"), name, json.dumps(entry))
-            pipe.incr(self._key("deny-version"))
+            # A value never seen before, not a count: a count starts again when Redis does (no persistence,
+            # a restore, a failover), and a replica holding the same number would never read the change.
+            pipe.set(self._key("deny-version"), secrets.token_hex(16))
             pipe.execute()
         except self._errors() as exc:
             raise OSError(f"the revocation could not be written to {self._where}: {type(exc).__name__}") from None
@@ -1653,7 +1655,7 @@ class RedisStore:
     def _invalidate(self, digest: bytes | None) -> None:
         pipe = self._client.pipeline(transaction=False)
         if digest is None:
-            pipe.incr(self._key("generation"))
+            pipe.set(self._key("generation"), secrets.token_hex(16))  # never seen before, as deny-version
         else:
             pipe.delete(self._key(f"verdict:{self.generation.decode()}:{digest.hex()}"))
             now = time.time()
