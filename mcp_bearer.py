@@ -1613,7 +1613,8 @@ class RedisStore:
         return self.revokes(access)
 
     def revokes(self, access: AccessToken) -> bool:
-        if time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS and not self._use_last:
+        stale = time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS
+        if stale and not (self._use_last and self._synced_at > -math.inf):  # never read: there is no last copy
             raise ProviderUnavailable("the deny list cannot be read from Redis", retry_after=_DENY_LIST_STALE_SECONDS)
         if not self._jtis and not self._subjects:
             return False
