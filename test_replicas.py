@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -578,6 +579,49 @@ def test_a_spray_over_three_replicas_costs_the_token_service_at_most_n_plus_two_
                 assert refused[0] == 429 and 1 <= int(refused[1]["retry-after"]) <= window
             assert asked(introspection) - before == spent  # a throttled request asks nobody
             time.sleep(window + 0.5)  # the next window: a new budget
+
+
+def status_from(source: str, base: str, token: str) -> int:
+    """A request from another loopback address (127.0.0.0/8 is all this machine's): another client to the throttle."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=20, source_address=(source, 0))
+    try:
+        connection.request("GET", "/", headers={"Authorization": f"Bearer {token}"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def throttle_entries(client: Any) -> list[float]:
+    """Until when each address the store has throttled stays so, however the store keeps them."""
+    ends: list[float] = []
+    for key in client.scan_iter(match="mcp_bearer:throttled*"):
+        kind = client.type(key).decode()
+        assert kind in ("hash", "zset"), kind
+        if kind == "hash":
+            ends += [float(until) for until in client.hvals(key)]
+        else:
+            ends += [score for _, score in client.zrange(key, 0, -1, withscores=True)]
+    return ends
+
+
+def test_throttled_addresses_are_forgotten_in_redis_once_their_window_has_passed(
+    redis_db: RedisServer, introspection: IntrospectionEndpoint
+) -> None:
+    """Every replica reads the throttled addresses at every poll: kept for good, a spray from many addresses
+    (an IPv6 prefix holds billions) would grow that read without bound, on Redis and on every replica."""
+    budget, window = 2, 2.0
+    sources = [f"127.0.0.{n}" for n in range(2, 8)]
+    throttle: dict[str, Any] = {"max_failures": budget, "failure_window": window}
+    with replicas(2, redis_db.url, lambda: introspector(introspection), **throttle) as (a, b):
+        for source in sources:
+            answers = [status_from(source, (a, b)[n % 2].base, opaque(f"{source}-{n}")) for n in range(budget + 2)]
+            assert answers[:budget] == [401] * budget and answers[-1] == 429
+        client = redis_db.client()
+        seconds_until(lambda: len(throttle_entries(client)) == len(sources))
+        time.sleep(window + 1.5)  # every window has passed, and every reader has polled since
+        assert status_from(sources[0], a.base, opaque("after-the-window")) == 401  # a new window, a new budget
+        assert [until for until in throttle_entries(client) if until <= time.time()] == []
 
 
 # --- Redis down: answers as documented, never a 500, never a hang; sharing resumes on its own -------
