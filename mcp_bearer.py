@@ -1684,7 +1684,7 @@ class RedisStore:
         if count >= max_failures and oldest:
             until = oldest[0][1] + window
             self.throttled[name] = until
-            self._client.hset(self._key("throttled"), name, until)
+            self._client.zadd(self._key("throttled-until"), {name: until})
 
     def throttled_until(self, address: str) -> float:
         """When a throttle decided on another replica ends for this address (Unix seconds); 0 for none."""
@@ -1712,13 +1712,15 @@ class RedisStore:
         pipe = self._client.pipeline(transaction=False)
         pipe.mget(self._key("deny-version"), self._key("generation"))
         pipe.zrangebyscore(self._key("invalidated"), self._since, "+inf", withscores=True)
-        pipe.hgetall(self._key("throttled"))
-        (deny_version, generation), invalidated, throttled = pipe.execute()
+        now = time.time()
+        # Scored by when each throttle ends, so that ended ones are dropped, not read at every poll for good.
+        pipe.zremrangebyscore(self._key("throttled-until"), 0, now)
+        pipe.zrangebyscore(self._key("throttled-until"), now, "+inf", withscores=True)
+        (deny_version, generation), invalidated, _, throttled = pipe.execute()
         if deny_version != self._deny_version:
             self._install_deny(self._client.hgetall(self._key("deny")))
             self._deny_version = deny_version
-        now = time.time()
-        self.throttled = {name.decode(): float(until) for name, until in throttled.items() if float(until) > now}
+        self.throttled = {name.decode(): until for name, until in throttled}
         generation = generation or b"0"
         if generation != self.generation:
             self.generation = generation
