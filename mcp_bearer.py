@@ -1545,7 +1545,15 @@ class RedisStore:
                 "url must be a redis://, rediss:// or unix:// URL"
             )  # never the URL: it may hold a password
         parts = urlsplit(url)
-        self._where = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        # An unencoded '/', '?' or '#' in the password ends the host part early: the rest of the password
+        # would be read as host, port or path, and quoted wherever those are (messages, repr, logs).
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise ValueError("url must percent-encode its password ('/' as %2F, '?' as %3F, '#' as %23)")
+        try:
+            port = parts.port
+        except ValueError:  # its message quotes the text after the last ':', which may be the password
+            raise ValueError("url has an invalid port") from None
+        self._where = f"{parts.scheme}://{parts.hostname or ''}{f':{port}' if port else ''}{parts.path}"
         self._prefix = _checked_text("prefix", prefix, header=True)
         self._timeout = _seconds("timeout", timeout)
         self._max_lifetime = _seconds("max_token_lifetime", max_token_lifetime)
@@ -1560,6 +1568,7 @@ class RedisStore:
         self.throttled: dict[str, float] = {}  # address digest -> throttled until (Unix seconds)
         self._deny_version: bytes | None = b"unread"
         self._since = time.time()  # invalidations read up to here
+        self._read_at_since: set[tuple[bytes, float]] = set()  # those read with the score _since: applied
         self.generation: bytes = b"0"  # of shared verdicts: clear() moves every replica to a new one
         self.events: collections.deque[tuple[int, bytes | None]] = collections.deque(maxlen=_MAX_STORE_EVENTS)
         self.version = 0  # counts events: caches compare it with what they applied, per request, for free
@@ -1602,7 +1611,9 @@ class RedisStore:
         try:
             pipe = self._client.pipeline(transaction=True)
             pipe.hset(self._key("deny"), name, json.dumps(entry))
-            pipe.incr(self._key("deny-version"))
+            # A value never seen before, not a count: a count starts again when Redis does (no persistence,
+            # a restore, a failover), and a replica holding the same number would never read the change.
+            pipe.set(self._key("deny-version"), secrets.token_hex(16))
             pipe.execute()
         except self._errors() as exc:
             raise OSError(f"the revocation could not be written to {self._where}: {type(exc).__name__}") from None
@@ -1616,7 +1627,8 @@ class RedisStore:
         return self.revokes(access)
 
     def revokes(self, access: AccessToken) -> bool:
-        if time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS and not self._use_last:
+        stale = time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS
+        if stale and not (self._use_last and self._synced_at > -math.inf):  # never read: there is no last copy
             raise ProviderUnavailable("the deny list cannot be read from Redis", retry_after=_DENY_LIST_STALE_SECONDS)
         if not self._jtis and not self._subjects:
             return False
@@ -1658,7 +1670,7 @@ class RedisStore:
     def _invalidate(self, digest: bytes | None) -> None:
         pipe = self._client.pipeline(transaction=False)
         if digest is None:
-            pipe.incr(self._key("generation"))
+            pipe.set(self._key("generation"), secrets.token_hex(16))  # never seen before, as deny-version
         else:
             pipe.delete(self._key(f"verdict:{self.generation.decode()}:{digest.hex()}"))
             now = time.time()
@@ -1686,7 +1698,7 @@ class RedisStore:
         if count >= max_failures and oldest:
             until = oldest[0][1] + window
             self.throttled[name] = until
-            self._client.hset(self._key("throttled"), name, until)
+            self._client.zadd(self._key("throttled-until"), {name: until})
 
     def throttled_until(self, address: str) -> float:
         """When a throttle decided on another replica ends for this address (Unix seconds); 0 for none."""
@@ -1714,20 +1726,25 @@ class RedisStore:
         pipe = self._client.pipeline(transaction=False)
         pipe.mget(self._key("deny-version"), self._key("generation"))
         pipe.zrangebyscore(self._key("invalidated"), self._since, "+inf", withscores=True)
-        pipe.hgetall(self._key("throttled"))
-        (deny_version, generation), invalidated, throttled = pipe.execute()
+        now = time.time()
+        # Scored by when each throttle ends, so that ended ones are dropped, not read at every poll for good.
+        pipe.zremrangebyscore(self._key("throttled-until"), 0, now)
+        pipe.zrangebyscore(self._key("throttled-until"), now, "+inf", withscores=True)
+        (deny_version, generation), invalidated, _, throttled = pipe.execute()
         if deny_version != self._deny_version:
             self._install_deny(self._client.hgetall(self._key("deny")))
             self._deny_version = deny_version
-        now = time.time()
-        self.throttled = {name.decode(): float(until) for name, until in throttled.items() if float(until) > now}
+        self.throttled = {name.decode(): until for name, until in throttled}
         generation = generation or b"0"
         if generation != self.generation:
             self.generation = generation
             self._event(None)
         for member, score in invalidated:
-            self._event(bytes.fromhex(member.decode()))
-            self._since = max(self._since, score)
+            if (member, score) not in self._read_at_since:  # the bound is inclusive: the last ones come again
+                self._event(bytes.fromhex(member.decode()))
+        if invalidated:
+            self._since = max(score for _, score in invalidated)
+            self._read_at_since = {(member, score) for member, score in invalidated if score == self._since}
         self._synced_at = time.monotonic()
         if self._down:
             self._down = False
