@@ -85,6 +85,7 @@ from support import (
 )
 
 ROOT = "/api"  # where a proxy mounts the app; servers are told so with root_path / --url-path-prefix
+SESSION_SECONDS = 60  # the longest any one SDK session here may take, its attacks included
 
 
 # --- the apps under attack, built the same way in this process and in granian's -------------
@@ -307,24 +308,24 @@ async def sse_session(
     (or error) its stream delivered, in order."""
     ids: list[str] = []
     seen: list[Any] = []
-    async with sse_client(url, headers={"Authorization": f"Bearer {token}"}, on_session_created=ids.append) as (
-        read,
-        write,
-    ):
-        relay_in, relay_out = anyio.create_memory_object_stream[Any](100)
+    headers = {"Authorization": f"Bearer {token}"}
+    # Bounded: a middleware that refused the owner's own posts would leave initialize waiting forever.
+    with anyio.fail_after(SESSION_SECONDS):
+        async with sse_client(url, headers=headers, on_session_created=ids.append) as (read, write):
+            relay_in, relay_out = anyio.create_memory_object_stream[Any](100)
 
-        async def relay() -> None:
-            async with relay_in:
-                async for item in read:
-                    seen.append(item)
-                    await relay_in.send(item)
+            async def relay() -> None:
+                async with relay_in:
+                    async for item in read:
+                        seen.append(item)
+                        await relay_in.send(item)
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(relay)
-            async with ClientSession(relay_out, write, **session_options) as session:
-                await session.initialize()
-                yield session, ids[0], seen
-            group.cancel_scope.cancel()
+            async with anyio.create_task_group() as group:
+                group.start_soon(relay)
+                async with ClientSession(relay_out, write, **session_options) as session:
+                    await session.initialize()
+                    yield session, ids[0], seen
+                group.cancel_scope.cancel()
 
 
 def message_ids(seen: list[Any]) -> list[Any]:
@@ -381,6 +382,11 @@ def message_paths(root_path: str) -> list[str]:
     return [f"{prefix}{path}" for prefix in (root_path, "") for path in ("/messages/", "/messages", "/messages/x")]
 
 
+def accepting(request_id: int) -> dict[str, Any]:
+    """An answer to the server's elicitation request ``request_id``: yes, go ahead."""
+    return {"jsonrpc": "2.0", "id": request_id, "result": {"action": "accept", "content": {"ok": True}}}
+
+
 def forged_targets(bases: list[str], root_path: str, victim: str, own: str) -> list[tuple[str, str]]:
     """(base, path?query) for every place and spelling a message into ``victim`` could be sent."""
     return [
@@ -409,13 +415,10 @@ async def test_e2e_sse_under_a_root_path_a_forged_elicitation_answer_is_refused_
         return ElicitResult(action="decline")
 
     with serve_rooted(server, f"{__name__}:sse_app") as (client_base, bases):
+        url = client_base + ROOT + "/sse"
         async with (
-            sse_session(client_base + ROOT + "/sse", ALICE_1, elicitation_callback=alice_answers) as (
-                session,
-                victim,
-                _,
-            ),
-            sse_session(client_base + ROOT + "/sse", BOB) as (_, own, _),
+            sse_session(url, ALICE_1, elicitation_callback=alice_answers) as (session, victim, _),
+            sse_session(url, BOB) as (_, own, _),
         ):
             results: list[CallToolResult] = []
             let_through: list[tuple[str, str, int, Any]] = []
@@ -430,11 +433,7 @@ async def test_e2e_sse_under_a_root_path_a_forged_elicitation_answer_is_refused_
                         await asked.wait()
                     for base, target in forged_targets(bases, ROOT, victim, own):
                         for request_id in range(3):  # the SDK numbers its requests to the client from 0
-                            answer = {
-                                "jsonrpc": "2.0",
-                                "id": request_id,
-                                "result": {"action": "accept", "content": {"ok": True}},
-                            }
+                            answer = accepting(request_id)
                             status, body = await anyio.to_thread.run_sync(post, base, BOB, target, answer)
                             if (status, body) != (404, SESSION_NOT_FOUND):
                                 let_through.append((base, target, status, body))
@@ -681,11 +680,8 @@ async def test_e2e_an_anonymous_preflight_carrying_an_elicitation_answer_never_r
 
     recorder = Recorder(sdk_server().sse_app())
     with serve_app_rooted(server, guarded(recorder, FakeProvider())) as base:
-        async with sse_session(base + ROOT + "/sse", ALICE_1, elicitation_callback=alice_answers) as (
-            session,
-            victim,
-            _,
-        ):
+        url = base + ROOT + "/sse"
+        async with sse_session(url, ALICE_1, elicitation_callback=alice_answers) as (session, victim, _):
             results: list[CallToolResult] = []
             answered: list[tuple[int, dict[str, str], bytes]] = []
             async with anyio.create_task_group() as group:
@@ -697,24 +693,13 @@ async def test_e2e_an_anonymous_preflight_carrying_an_elicitation_answer_never_r
                 try:
                     with anyio.fail_after(20):
                         await asked.wait()
-                    for n, (path, query) in enumerate(
-                        (path, query) for path in message_paths(ROOT) for query in session_queries(victim, victim)[:4]
-                    ):
-                        answer = {
-                            "jsonrpc": "2.0",
-                            "id": n % 3,
-                            "result": {"action": "accept", "content": {"ok": True}},
-                        }
-                        answered.append(
-                            await anyio.to_thread.run_sync(
-                                raw_request,
-                                base,
-                                "OPTIONS",
-                                f"{path}?{query}",
-                                preflight_headers(n),
-                                json.dumps(answer).encode(),
-                            )
+                    targets = [f"{p}?{q}" for p in message_paths(ROOT) for q in session_queries(victim, victim)[:4]]
+                    for n, target in enumerate(targets):
+                        body = json.dumps(accepting(n % 3)).encode()
+                        answer = await anyio.to_thread.run_sync(
+                            raw_request, base, "OPTIONS", target, preflight_headers(n), body
                         )
+                        answered.append(answer)
                 finally:
                     tried.set()
             assert json.loads(tool_text(results[0])) == {"action": "decline", "data": None}
@@ -727,6 +712,11 @@ def sdk_streamable_app() -> tuple[Any, Any]:
     server = sdk_server()
     app = server.streamable_http_app()
     return app, server.session_manager
+
+
+# The middleware's own answer (Fetch: "*" allows any method and header but Authorization, named).
+ALLOWED = (("allow-headers", "authorization, *"), ("allow-methods", "*"), ("allow-origin", "*"), ("max-age", "600"))
+PREFLIGHT_ANSWER = (204, tuple((f"access-control-{name}", value) for name, value in ALLOWED), b"")
 
 
 def rss_bytes() -> int:
@@ -775,30 +765,20 @@ async def test_e2e_3000_anonymous_preflights_open_no_mcp_session_and_never_reach
             session_ids.append(response.headers["mcp-session-id"])
 
     with serve(guarded(recorder, FakeProvider()), root_path=ROOT) as base:
-        async with mcp_session(base + "/mcp", ALICE_1, event_hooks={"response": [note_session]}) as (session, _):
-            assert len(manager._server_instances) == 1  # alice's
-            await anyio.to_thread.run_sync(preflights, base, 200, session_ids[0])  # warm up allocator and caches
-            before = rss_bytes()
-            answers = await anyio.to_thread.run_sync(preflights, base, 3000, session_ids[0])
-            grown = rss_bytes() - before
-            assert no_options_reached(recorder) == []
-            assert len(manager._server_instances) == 1
-            assert not [headers for _, headers, _ in answers if "mcp-session-id" in dict(headers)]
-            # Query string, session id and body make no difference: one answer, the middleware's.
-            assert {(status, tuple(headers), body) for status, headers, body in answers} == {
-                (
-                    204,
-                    (
-                        ("access-control-allow-headers", "authorization, *"),
-                        ("access-control-allow-methods", "*"),
-                        ("access-control-allow-origin", "*"),
-                        ("access-control-max-age", "600"),
-                    ),
-                    b"",
-                )
-            }
-            assert grown < 24 * 1024 * 1024, f"RSS grew by {grown / 1024 / 1024:.1f} MiB over 3,000 preflights"
-            assert json.loads(tool_text(await session.call_tool("whoami", {})))["token"] == fingerprint(ALICE_1)
+        with anyio.fail_after(SESSION_SECONDS):
+            async with mcp_session(base + "/mcp", ALICE_1, event_hooks={"response": [note_session]}) as (session, _):
+                assert len(manager._server_instances) == 1  # alice's
+                await anyio.to_thread.run_sync(preflights, base, 200, session_ids[0])  # warm up allocator and caches
+                before = rss_bytes()
+                answers = await anyio.to_thread.run_sync(preflights, base, 3000, session_ids[0])
+                grown = rss_bytes() - before
+                assert no_options_reached(recorder) == []
+                assert len(manager._server_instances) == 1
+                assert not [headers for _, headers, _ in answers if "mcp-session-id" in dict(headers)]
+                # Query string, session id and body make no difference: one answer, the middleware's.
+                assert {(status, tuple(headers), body) for status, headers, body in answers} == {PREFLIGHT_ANSWER}
+                assert grown < 24 * 1024 * 1024, f"RSS grew by {grown / 1024 / 1024:.1f} MiB over 3,000 preflights"
+                assert json.loads(tool_text(await session.call_tool("whoami", {})))["token"] == fingerprint(ALICE_1)
 
 
 @pytest.mark.slow
@@ -822,6 +802,8 @@ ISSUER_B = "https://login.other.example/"
 KEY_ALICE_1 = "sk-key-alice-1-Vb7Nq2Lw9Xe4Rt6Yp"
 KEY_ALICE_2 = "sk-key-alice-2-Mz3Kc8Hs1Jd5Fg0Qa"
 OPAQUE_ALICE = opaque("alice-at-the-introspection-endpoint")
+OPAQUE_ALICE_2 = opaque("alice-again-at-the-introspection-endpoint")
+OPAQUE_ALICE_B = opaque("alice-at-the-other-introspection-endpoint")
 SECRETS.update({KEY_ALICE_1, KEY_ALICE_2})
 
 
@@ -862,7 +844,38 @@ class Principals:
     intruder: str
 
 
-def principals(case: str, jwks: JWKSEndpoint, jwks_b: JWKSEndpoint, introspection: IntrospectionEndpoint) -> Principals:
+@dataclass
+class Services:
+    """The token services of the cases: issuer A's and B's JWKS, two introspection endpoints."""
+
+    jwks: JWKSEndpoint
+    jwks_b: JWKSEndpoint
+    introspection: IntrospectionEndpoint
+    introspection_b: IntrospectionEndpoint
+
+
+@pytest.fixture(scope="module")
+def introspection_b_server() -> Iterator[IntrospectionEndpoint]:
+    endpoint = IntrospectionEndpoint()
+    with serve(endpoint) as base:
+        endpoint.url = base + "/introspect"
+        yield endpoint
+
+
+@pytest.fixture
+def services(
+    jwks: JWKSEndpoint,
+    jwks_b: JWKSEndpoint,
+    introspection: IntrospectionEndpoint,
+    introspection_b_server: IntrospectionEndpoint,
+) -> Iterator[Services]:
+    introspection_b_server.reset()
+    yield Services(jwks, jwks_b, introspection, introspection_b_server)
+    introspection_b_server.release.set()
+
+
+def principals(case: str, services: Services) -> Principals:
+    jwks, jwks_b, introspection = services.jwks, services.jwks_b, services.introspection
     api_keys = StaticTokenProvider(
         # A key file may put anything in claims, an IdP's issuer included: it never becomes that issuer.
         {KEY_ALICE_1: {"sub": "alice", "iss": ISSUER_A}, KEY_ALICE_2: {"sub": "alice"}}
@@ -880,6 +893,11 @@ def principals(case: str, jwks: JWKSEndpoint, jwks_b: JWKSEndpoint, introspectio
     if case == "idp-beside-api-key":
         return Principals(ProviderChain(api_keys, idp(jwks)), KEY_ALICE_1, KEY_ALICE_2, alice_of(ISSUER_A, 1))
     introspected: dict[str, Any] = {"active": True, "sub": "alice", "scope": "read"}
+    if case == "two-introspections-without-iss":  # RFC 7662: iss is optional; the chain tells them apart
+        introspection.answers.update({OPAQUE_ALICE: introspected, OPAQUE_ALICE_2: introspected})
+        services.introspection_b.answers[OPAQUE_ALICE_B] = introspected
+        chain = ProviderChain(introspector(introspection), introspector(services.introspection_b))
+        return Principals(chain, OPAQUE_ALICE, OPAQUE_ALICE_2, OPAQUE_ALICE_B)
     if case == "introspection-of-issuer-b":
         introspected["iss"] = ISSUER_B
     introspection.answers[OPAQUE_ALICE] = introspected
@@ -894,6 +912,7 @@ PRINCIPAL_CASES = [
     "idp-beside-api-key",
     "introspection-without-iss",
     "introspection-of-issuer-b",
+    "two-introspections-without-iss",
 ]
 
 
@@ -919,9 +938,9 @@ def principals_app(provider: BearerAuthProvider) -> tuple[BearerAuthMiddleware, 
 @pytest.mark.anyio
 @pytest.mark.parametrize("case", PRINCIPAL_CASES)
 async def test_e2e_streamable_http_a_session_is_its_issuer_and_subjects_not_another_issuers_same_sub(
-    case: str, jwks: JWKSEndpoint, jwks_b: JWKSEndpoint, introspection: IntrospectionEndpoint
+    case: str, services: Services
 ) -> None:
-    tokens = principals(case, jwks, jwks_b, introspection)
+    tokens = principals(case, services)
     middleware, _ = principals_app(tokens.provider)
     session_ids: list[str] = []
 
@@ -930,22 +949,26 @@ async def test_e2e_streamable_http_a_session_is_its_issuer_and_subjects_not_anot
             session_ids.append(response.headers["mcp-session-id"])
 
     with mcp_bearer_log("mcp_bearer.audit") as records, serve(middleware, root_path=ROOT) as base:
-        async with mcp_session(base + "/mcp", tokens.owner, event_hooks={"response": [note_session]}) as (
-            session,
-            client,
-        ):
-            call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "who", "arguments": {}}}
-            headers = {**MCP_POST_HEADERS, "mcp-session-id": session_ids[0], "mcp-protocol-version": "2025-06-18"}
-            intruding = {**headers, "Authorization": f"Bearer {tokens.intruder}"}
-            status, _, body = raw_request(base, "POST", "/mcp", intruding, json.dumps(call).encode())
-            assert (status, parsed(body)) == (404, SESSION_NOT_FOUND)
-            status, _, body = raw_request(base, "DELETE", "/mcp", intruding)
-            assert (status, parsed(body)) == (404, SESSION_NOT_FOUND)  # nor may the intruder end it
-            owner = (await call_json(session, "who"))["principal"]
-            assert session_table(middleware) == {session_ids[0].encode(): owner}
-            client.headers["Authorization"] = f"Bearer {tokens.owner_again}"
-            again = await call_json(session, "who")
-            assert again == {"principal": owner, "token": fingerprint(tokens.owner_again)}  # rotation: one principal
+        with anyio.fail_after(SESSION_SECONDS):
+            async with mcp_session(base + "/mcp", tokens.owner, event_hooks={"response": [note_session]}) as (
+                session,
+                client,
+            ):
+                call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "who", "arguments": {}}}
+                headers = {**MCP_POST_HEADERS, "mcp-session-id": session_ids[0], "mcp-protocol-version": "2025-06-18"}
+                intruding = {**headers, "Authorization": f"Bearer {tokens.intruder}"}
+                status, _, body = raw_request(base, "POST", "/mcp", intruding, json.dumps(call).encode())
+                assert (status, parsed(body)) == (404, SESSION_NOT_FOUND)
+                status, _, body = raw_request(base, "DELETE", "/mcp", intruding)
+                assert (status, parsed(body)) == (404, SESSION_NOT_FOUND)  # nor may the intruder end it
+                owner = (await call_json(session, "who"))["principal"]
+                assert session_table(middleware) == {session_ids[0].encode(): owner}
+                client.headers["Authorization"] = f"Bearer {tokens.owner_again}"
+                again = await call_json(session, "who")
+                assert again == {
+                    "principal": owner,
+                    "token": fingerprint(tokens.owner_again),
+                }  # rotation: one principal
     # The session table, principal_key() and the audit trail name one and the same principal.
     intruder_principal = mcp_bearer.principal_key(await tokens.provider.verify_token(tokens.intruder))
     assert intruder_principal != owner
@@ -958,9 +981,9 @@ async def test_e2e_streamable_http_a_session_is_its_issuer_and_subjects_not_anot
 @pytest.mark.anyio
 @pytest.mark.parametrize("case", PRINCIPAL_CASES)
 async def test_e2e_legacy_sse_a_session_is_its_issuer_and_subjects_not_another_issuers_same_sub(
-    case: str, jwks: JWKSEndpoint, jwks_b: JWKSEndpoint, introspection: IntrospectionEndpoint
+    case: str, services: Services
 ) -> None:
-    tokens = principals(case, jwks, jwks_b, introspection)
+    tokens = principals(case, services)
     server = Server("principals")
     server.tool()(who)
     middleware = guarded(server.sse_app(), tokens.provider, audit=True)
