@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import datetime
 import hashlib
 import http.server
 import importlib.metadata
@@ -199,9 +200,6 @@ def providers_said(environment: dict[str, str], settings: dict[str, Any]) -> dic
     return answers
 
 
-FORGED = sign(key="rs9", kid="rsa-1")  # signed with the proxy's key, under the real kid
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variables", [["HTTP_PROXY"], ["http_proxy"], ["HTTP_PROXY", "http_proxy"]])
 def test_plain_http_calls_to_token_services_go_direct_whatever_http_proxy_says(
@@ -215,7 +213,7 @@ def test_plain_http_calls_to_token_services_go_direct_whatever_http_proxy_says(
         "jwks": jwks.url,
         "issuer": ISSUER,
         "audience": AUDIENCE,
-        "jwts": [sign(), FORGED],
+        "jwts": [sign(), sign(key="rs9", kid="rsa-1")],  # the second signed with the proxy's key, the real kid
     }
     said = providers_said(dict.fromkeys(variables, proxy.url), settings)
     assert proxy.targets() == []  # no token, no client secret, no request at all
@@ -300,7 +298,7 @@ def der(name: str) -> bytes:
 def certificate(name: str) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "idp.example")])
     key: Any = private_key(name)
-    now = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    now = datetime.datetime.now(datetime.timezone.utc)
     builder = x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
     builder = builder.serial_number(1).not_valid_before(now).not_valid_after(now.replace(year=now.year + 1))
     return builder.sign(key, hashes.SHA256())
@@ -501,6 +499,8 @@ AUDIT_LINE = re.compile(
     rf"(?P<outcome>[^:']+): (?P<method>{LITERAL}) (?P<path>{LITERAL}) from (?P<client>{LITERAL}), "
     rf"principal (?P<principal>{LITERAL})(?:, reason (?P<reason>{LITERAL}))?"
 )
+NOBODY = "sk-nobody-Wq4Zr8Tx"  # a token no provider knows
+SECRETS.add(NOBODY)
 HOSTILE = [
     "\r\n2026-07-28 INFO mcp_bearer.audit allowed: 'POST' '/admin' from '10.0.0.1', principal 'root'",
     "\n",
@@ -542,7 +542,7 @@ def test_audit_no_field_a_client_or_idp_supplies_can_forge_a_line(hostile: str) 
         path = "/mcp" + hostile
         address = ("10.0.0.1" + hostile, 443)
         harness.request(bearer(token), path=path, client=address, method="POST" + hostile)  # allowed
-        harness.request(bearer("sk-none-" + "Qx7"), path=path, client=address)  # refused by the provider
+        harness.request(bearer(NOBODY), path=path, client=address)  # refused by the provider
         jwt_harness = Harness(keys, audit=True)
         jwt_harness.request(bearer(sign(iss="https://evil.example/" + hostile)), path=path, client=address)
     read = audit_lines(records)
@@ -555,27 +555,21 @@ def test_audit_no_field_a_client_or_idp_supplies_can_forge_a_line(hostile: str) 
     assert read[2][0]["reason"] == f"wrong issuer {'https://evil.example/' + hostile!r}"  # itself quoted, then quoted
 
 
-SECRETS.add("sk-none-Qx7")
+# Every way a token is refused: (the token, what its provider says, the middleware's options).
+REFUSALS: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "unknown": (opaque("refused-unknown"), None, {}),
+    "unavailable": (opaque("refused-unavailable"), ProviderUnavailable("IdP down"), {}),
+    "raising": (opaque("refused-raising"), RuntimeError, {}),
+    "wrong-type": (opaque("refused-wrong-type"), {"sub": "alice"}, {}),
+    "too-long": (opaque("refused-too-long") + "x" * 100, None, {"max_token_length": 64}),
+    "throttled": (opaque("refused-throttled"), None, {"max_failures": 1}),
+}
+SECRETS.update(token for token, _, _ in REFUSALS.values())
 
 
-def refusals() -> list[tuple[str, Any, dict[str, Any]]]:
-    """(token, what its provider says, Harness options) for every way a token is refused."""
-    return [
-        (opaque("refused-unknown"), None, {}),
-        (opaque("refused-unavailable"), ProviderUnavailable("IdP down"), {}),
-        (opaque("refused-raising"), RuntimeError, {}),
-        (opaque("refused-wrong-type"), {"sub": "alice"}, {}),
-        (opaque("refused-too-long") + "x" * 100, None, {"max_token_length": 64}),
-        (opaque("refused-throttled"), None, {"max_failures": 1}),
-    ]
-
-
-@pytest.mark.parametrize(
-    "case", range(len(refusals())), ids=["unknown", "503", "raising", "wrong-type", "too-long", "throttled"]
-)
+@pytest.mark.parametrize("case", list(REFUSALS))
 def test_audit_a_refused_token_is_named_by_nothing_derived_from_it(case: str) -> None:
-    token, answer, options = refusals()[int(case)]
-    SECRETS.add(token)
+    token, answer, options = REFUSALS[case]
     harness = Harness(FakeProvider({token: answer}), audit=True, **options)
     with mcp_bearer_log("mcp_bearer") as records:
         for _ in range(3):
@@ -643,7 +637,7 @@ def test_scopes_separated_by_several_spaces_are_still_the_scopes() -> None:
 
 
 class DeepIntrospection(IntrospectionEndpoint):
-    """An introspection endpoint whose answer to ``deep`` is ``body``: JSON nested past any parser's recursion."""
+    """An introspection endpoint whose every answer is ``body``: JSON nested past the parser's recursion limit."""
 
     body = b""
 
