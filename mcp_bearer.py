@@ -1144,25 +1144,53 @@ def _token_type(required_typ: object) -> str | None:
 
 
 def _looks_like_a_public_key(key: str | bytes) -> bool:
-    """A PEM block, a DER SEQUENCE filling the whole key, or a JWK (Set) in JSON: no HMAC secret (RFC 8725 2.1).
+    """A PEM block, a DER public key or certificate, or a JWK (Set) in JSON: no HMAC secret (RFC 8725 2.1).
 
     PyJWT 2.13 refuses these too (CVE-2026-48526); a vendored copy may meet an older one.
     """
     data = key.encode() if isinstance(key, str) else key
     if b"-----BEGIN" in data or data.startswith((b"ssh-", b"ecdsa-")):
         return True
-    if (
-        isinstance(key, bytes) and len(data) > 2 and data[0] == 0x30
-    ):  # ASN.1 SEQUENCE: its length field accounts for the rest exactly
-        size = data[1]
-        if size < 0x80:
-            return 2 + size == len(data)
-        width = size & 0x7F
-        return 0 < width <= 4 and 2 + width + int.from_bytes(data[2 : 2 + width], "big") == len(data)
+    if isinstance(key, bytes) and data[:1] == b"\x30":  # ASN.1 SEQUENCE, or a random secret starting with "0"
+        return _is_der_key(data)
     with contextlib.suppress(ValueError, RecursionError):
         document = json.loads(data)
         return isinstance(document, dict) and ("kty" in document or "keys" in document)
     return False
+
+
+def _der_elements(data: bytes) -> list[tuple[int, bytes]] | None:
+    """The (tag, contents) of the DER elements that fill ``data`` exactly, or None where they do not."""
+    elements, at = [], 0
+    while at < len(data):
+        if at + 2 > len(data):
+            return None
+        tag, size, at = data[at], data[at + 1], at + 2
+        if size >= 0x80:
+            width = size & 0x7F
+            if not 0 < width <= 4 or at + width > len(data):
+                return None
+            size, at = int.from_bytes(data[at : at + width], "big"), at + width
+        if at + size > len(data):
+            return None
+        elements.append((tag, data[at : at + size]))
+        at += size
+    return elements
+
+
+def _is_der_key(data: bytes) -> bool:
+    """Whether ``data`` is shaped as a DER SubjectPublicKeyInfo, certificate or PKCS#1 RSA public key, two
+    levels down: a random secret that merely starts with a SEQUENCE header (1 in 65,536) is still a secret."""
+    outer = _der_elements(data)
+    children = _der_elements(outer[0][1]) if outer and len(outer) == 1 and outer[0][0] == 0x30 else None
+    if not children or len(children) < 2:
+        return False
+    tag, contents = children[0]
+    if tag == 0x02:  # RSAPublicKey: SEQUENCE { modulus INTEGER, publicExponent INTEGER }
+        return len(children) == 2 and children[1][0] == 0x02
+    inner = _der_elements(contents) if tag == 0x30 else None
+    # An AlgorithmIdentifier starts with an OID; a TBSCertificate with its [0] version or its serial INTEGER.
+    return inner is not None and len(inner) > 0 and inner[0][0] in (0x06, 0xA0, 0x02)
 
 
 _PYJWT_FLOOR = (2, 13)  # 2.8-2.9 refuse every issuer tuple; < 2.11 skip key lengths; < 2.13 CVE-2026-48526
