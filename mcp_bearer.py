@@ -2436,9 +2436,9 @@ class _OperationGuard:
         needed = dict.fromkeys(self._required)
         for method, name, params in operations:
             if self._decide is not None:
-                needed.update(
-                    dict.fromkeys(_scope_tokens("operation_scopes()", self._decide(Operation(method, name, params))))
-                )
+                for reading in _readings(method, name):
+                    decided = self._decide(Operation(method, reading, params))
+                    needed.update(dict.fromkeys(_scope_tokens("operation_scopes()", decided)))
             else:
                 needed.update(dict.fromkeys(self._by_rule(method, name)))
         return tuple(needed)
@@ -2448,14 +2448,33 @@ class _OperationGuard:
         needs = self._needs.get((method, name))
         if needs is None:
             scopes = dict.fromkeys(self._required)
+            readings = _readings(method, name)
             for regex, rule_scopes in self._rules.get(method, ()):
-                if regex is None or (name is not None and regex.match(name)):
+                if regex is None or any(reading is not None and regex.match(reading) for reading in readings):
                     scopes.update(dict.fromkeys(rule_scopes))
             needs = tuple(scopes)
             if len(self._needs) >= _MAX_NEEDS_KEPT:  # names are the client's: bounded, oldest forgotten
                 del self._needs[next(iter(self._needs))]
             self._needs[(method, name)] = needs
         return needs
+
+
+def _readings(method: str, name: str | None) -> tuple[str | None, ...]:
+    """Every name the app may act on for this one; a rule that matches any of them applies.
+
+    A resource URI is also read percent-decoded (RFC 3986 section 6.2.2.2; the SDK's URI templates
+    decode what they extract: ``file:///%61dmin/x`` fills ``{area}`` with ``admin``), and as the
+    SDK's own request model reads it where that is loaded (mcp 1.x makes it a pydantic ``AnyUrl``,
+    so ``FILE:///a/../admin/x`` is served as ``file:///admin/x``).
+    """
+    if name is None or method not in _NAMED_BY or _NAMED_BY[method] != "uri":
+        return (name,)
+    readings = dict.fromkeys((name, unquote(name)))
+    model = getattr(sys.modules.get("mcp.types"), "ReadResourceRequestParams", None)
+    if model is not None:
+        with contextlib.suppress(Exception):  # a URI the SDK cannot read, it never serves
+            readings[str(model.model_validate({"uri": name}).uri)] = None
+    return tuple(readings)
 
 
 def _read_json(body: bytes) -> Any:
