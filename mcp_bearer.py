@@ -2632,18 +2632,36 @@ def _sdk_access_token(model: Any, access: AccessToken) -> Any:
     )
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_NETLOC = re.compile(r"(?:[a-z0-9-]+(?:\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\])(?::[0-9]+)?")
+
+
 def _origins(allowed: object) -> frozenset[str] | None:
-    """``allowed_origins``: serialized origins (RFC 6454 section 6.2, "scheme://host[:port]"), lower case."""
+    """``allowed_origins``: serialized origins (RFC 6454 section 6.2, "scheme://host[:port]"), lower case.
+
+    An entry no browser sends (a wildcard, a default port, which browsers leave out) would match
+    nothing, silently: it is refused.
+    """
     if allowed is None:
         return None
     origins = set()
     for origin in _strings("allowed_origins", allowed):
-        parts = urlsplit(origin)
-        exact = parts.scheme in ("http", "https") and parts.netloc and "@" not in parts.netloc
-        if not exact or parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+        if not _is_origin(origin.lower()):
             raise ValueError(f"allowed_origins entries must be origins like 'https://app.example.com', not {origin!r}")
         origins.add(origin.lower())
     return frozenset(origins)
+
+
+def _is_origin(origin: str) -> bool:
+    parts = urlsplit(origin)
+    if parts.scheme not in _DEFAULT_PORTS or not _ORIGIN_NETLOC.fullmatch(parts.netloc):
+        return False
+    try:
+        port = parts.port
+    except ValueError:  # above 65535
+        return False
+    exact = not (parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")))
+    return exact and port != 0 and port != _DEFAULT_PORTS[parts.scheme]
 
 
 def _origin_allowed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[str]) -> bool:
