@@ -1827,7 +1827,10 @@ class _ScopeHierarchy:
         if not isinstance(granted, (list, tuple, set, frozenset)):
             return frozenset()  # a str too: "read write" is no list of scopes
         if not self._closure:
-            return frozenset(granted)  # anything that is no str never equals a needed scope
+            try:
+                return frozenset(granted)  # anything that is no str never equals a needed scope
+            except TypeError:  # a list or dict in the list cannot even be hashed: it is no scope either
+                return frozenset(s for s in granted if isinstance(s, str))
         scopes: set[str] = set()
         for scope in granted:
             if isinstance(scope, str):
