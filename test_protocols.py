@@ -139,6 +139,7 @@ class Exchange:
     """One HTTP response the client received, for asserting what it was told whatever it raised."""
 
     mcp_method: str | None
+    mcp_name: str | None
     status: int
     headers: dict[str, str]
     body: bytes
@@ -157,9 +158,16 @@ async def connect(
 ) -> AsyncIterator[Connection]:
     async def note(response: httpx.Response) -> None:
         await response.aread()
-        method = response.request.headers.get("mcp-method")
+        request = response.request.headers
         if seen is not None:
-            seen.append(Exchange(method, response.status_code, dict(response.headers), response.content))
+            exchange = Exchange(
+                request.get("mcp-method"),
+                request.get("mcp-name"),
+                response.status_code,
+                dict(response.headers),
+                response.content,
+            )
+            seen.append(exchange)
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient(headers=headers, event_hooks={"response": [note]}, timeout=30) as http:
@@ -441,3 +449,27 @@ async def test_a_request_state_minted_for_alice_and_replayed_by_bob_is_refused_b
         )
         assert tool_text(answer) == f"confirmed for {json.dumps(['mcp_bearer:api-key', 'alice'])}"
     assert RAN == ["confirm"]
+
+
+@pytest.mark.skipif(MCP_MAJOR == 1, reason="Mcp-Name is MCP 2026-07-28")
+async def test_a_uri_the_client_sends_in_a_base64_sentinel_is_judged_as_the_body_names_it() -> None:
+    """A name that would not survive as a header travels as =?base64?...?= (Streamable HTTP, Standard Headers)."""
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("test")
+    server.resource("file:///docs/café au lait", name="public")(lambda: "public")
+    server.resource("file:///admin/café", name="secret")(lambda: "secret")
+    rules = {"resources/read file:///admin/*": ["admin"]}
+    seen: list[Exchange] = []
+    with serve(BearerAuthMiddleware(server.streamable_http_app(), FakeProvider(), operation_scopes=rules)) as base:
+
+        async def attempt() -> None:
+            async with connect(base + "/mcp", BOB, MODERN, seen) as connection:
+                public = await connection.client.read_resource("file:///docs/café au lait")
+                assert public.contents[0].text == "public"
+                await connection.client.read_resource("file:///admin/café")
+
+        assert reported(await refusal(attempt), 403)
+    reads = [e for e in seen if e.mcp_method == "resources/read"]
+    assert [e.status for e in reads] == [200, 403]
+    assert all(e.mcp_name is not None and e.mcp_name.startswith("=?base64?") for e in reads)
