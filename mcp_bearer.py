@@ -1886,7 +1886,10 @@ class _ScopeHierarchy:
         if not isinstance(granted, (list, tuple, set, frozenset)):
             return frozenset()  # a str too: "read write" is no list of scopes
         if not self._closure:
-            return frozenset(granted)  # anything that is no str never equals a needed scope
+            try:
+                return frozenset(granted)  # anything that is no str never equals a needed scope
+            except TypeError:  # a list or dict in the list cannot even be hashed: it is no scope either
+                return frozenset(s for s in granted if isinstance(s, str))
         scopes: set[str] = set()
         for scope in granted:
             if isinstance(scope, str):
@@ -2510,9 +2513,9 @@ class _OperationGuard:
         needed = dict.fromkeys(self._required)
         for method, name, params in operations:
             if self._decide is not None:
-                needed.update(
-                    dict.fromkeys(_scope_tokens("operation_scopes()", self._decide(Operation(method, name, params))))
-                )
+                for reading in _readings(method, name):
+                    decided = self._decide(Operation(method, reading, params))
+                    needed.update(dict.fromkeys(_scope_tokens("operation_scopes()", decided)))
             else:
                 needed.update(dict.fromkeys(self._by_rule(method, name)))
         return tuple(needed)
@@ -2522,14 +2525,33 @@ class _OperationGuard:
         needs = self._needs.get((method, name))
         if needs is None:
             scopes = dict.fromkeys(self._required)
+            readings = _readings(method, name)
             for regex, rule_scopes in self._rules.get(method, ()):
-                if regex is None or (name is not None and regex.match(name)):
+                if regex is None or any(reading is not None and regex.match(reading) for reading in readings):
                     scopes.update(dict.fromkeys(rule_scopes))
             needs = tuple(scopes)
             if len(self._needs) >= _MAX_NEEDS_KEPT:  # names are the client's: bounded, oldest forgotten
                 del self._needs[next(iter(self._needs))]
             self._needs[(method, name)] = needs
         return needs
+
+
+def _readings(method: str, name: str | None) -> tuple[str | None, ...]:
+    """Every name the app may act on for this one; a rule that matches any of them applies.
+
+    A resource URI is also read percent-decoded (RFC 3986 section 6.2.2.2; the SDK's URI templates
+    decode what they extract: ``file:///%61dmin/x`` fills ``{area}`` with ``admin``), and as the
+    SDK's own request model reads it where that is loaded (mcp 1.x makes it a pydantic ``AnyUrl``,
+    so ``FILE:///a/../admin/x`` is served as ``file:///admin/x``).
+    """
+    if name is None or method not in _NAMED_BY or _NAMED_BY[method] != "uri":
+        return (name,)
+    readings = dict.fromkeys((name, unquote(name)))
+    model = getattr(sys.modules.get("mcp.types"), "ReadResourceRequestParams", None)
+    if model is not None:
+        with contextlib.suppress(Exception):  # a URI the SDK cannot read, it never serves
+            readings[str(model.model_validate({"uri": name}).uri)] = None
+    return tuple(readings)
 
 
 def _read_json(body: bytes) -> Any:
@@ -2699,18 +2721,36 @@ def _sdk_access_token(model: Any, access: AccessToken) -> Any:
     )
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_NETLOC = re.compile(r"(?:[a-z0-9-]+(?:\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\])(?::[0-9]+)?")
+
+
 def _origins(allowed: object) -> frozenset[str] | None:
-    """``allowed_origins``: serialized origins (RFC 6454 section 6.2, "scheme://host[:port]"), lower case."""
+    """``allowed_origins``: serialized origins (RFC 6454 section 6.2, "scheme://host[:port]"), lower case.
+
+    An entry no browser sends (a wildcard, a default port, which browsers leave out) would match
+    nothing, silently: it is refused.
+    """
     if allowed is None:
         return None
     origins = set()
     for origin in _strings("allowed_origins", allowed):
-        parts = urlsplit(origin)
-        exact = parts.scheme in ("http", "https") and parts.netloc and "@" not in parts.netloc
-        if not exact or parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+        if not _is_origin(origin.lower()):
             raise ValueError(f"allowed_origins entries must be origins like 'https://app.example.com', not {origin!r}")
         origins.add(origin.lower())
     return frozenset(origins)
+
+
+def _is_origin(origin: str) -> bool:
+    parts = urlsplit(origin)
+    if parts.scheme not in _DEFAULT_PORTS or not _ORIGIN_NETLOC.fullmatch(parts.netloc):
+        return False
+    try:
+        port = parts.port
+    except ValueError:  # above 65535
+        return False
+    exact = not (parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")))
+    return exact and port != 0 and port != _DEFAULT_PORTS[parts.scheme]
 
 
 def _origin_allowed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[str]) -> bool:
