@@ -2455,6 +2455,8 @@ class _OperationGuard:
         self._rules: dict[str, list[tuple[re.Pattern[str] | None, tuple[str, ...]]]] = {}
         if isinstance(rules, Mapping):
             self._rules = _operation_rules(rules)
+        elif inspect.iscoroutinefunction(rules) or inspect.iscoroutinefunction(vars(type(rules)).get("__call__")):
+            raise TypeError("operation_scopes must be a plain function of the operation, not an async one")
         elif callable(rules):
             self._decide = rules
         else:
@@ -2584,7 +2586,7 @@ def _operations(body: bytes, routing: list[tuple[bytes, bytes]]) -> list[tuple[s
         method = element.get("method")
         if method is None and ("result" in element or "error" in element):
             continue
-        params = element.get("params", {})
+        params = element.get("params", {})  # omitted: JSON-RPC 2.0 section 4.2; null is no structured value
         if not isinstance(method, str) or not isinstance(params, dict):
             raise _Unreadable
         name = params.get(_NAMED_BY[method]) if method in _NAMED_BY else None

@@ -221,6 +221,15 @@ def test_the_challenge_has_realm_and_no_metadata_without_resource() -> None:
     assert outcome.header("www-authenticate") == expected + 'error_description="Insufficient scope for this operation"'
 
 
+async def async_rule(operation: Operation) -> list[str]:
+    return []
+
+
+class AsyncRule:
+    async def __call__(self, operation: Operation) -> list[str]:
+        return []
+
+
 @pytest.mark.parametrize(
     ("rules", "error", "match"),
     [
@@ -233,6 +242,8 @@ def test_the_challenge_has_realm_and_no_metadata_without_resource() -> None:
         ({1: ["a"]}, TypeError, "must be a str"),
         (["tools/call"], TypeError, "mapping of operation pattern"),
         (42, TypeError, "mapping of operation pattern"),
+        (async_rule, TypeError, "not an async one"),  # its answer would be a coroutine: every POST a 500
+        (AsyncRule(), TypeError, "not an async one"),
     ],
 )
 def test_rules_that_cannot_mean_what_they_say_are_refused_at_construction(rules: Any, error: type, match: str) -> None:
