@@ -30,10 +30,13 @@ from support import (
     ALICE_1,
     ALICE_2,
     BOB,
+    GENERATIONS,
+    HANDSHAKE,
     INVALID_TOKEN,
     ISSUER,
     MCP_MAJOR,
     MCP_POST_HEADERS,
+    MODERN,
     SECRETS,
     SESSION_NOT_FOUND,
     TOKENS,
@@ -54,11 +57,7 @@ from support import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
-MODERN, HANDSHAKE = "2026-07-28", "2025-11-25"
-PROTOCOLS = [
-    pytest.param(MODERN, marks=pytest.mark.skipif(MCP_MAJOR == 1, reason="mcp 1.x speaks the handshake only")),
-    HANDSHAKE,
-]
+PROTOCOLS = GENERATIONS
 RESOURCE = "https://mcp.example.com/mcp"
 METADATA = "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
 
@@ -431,7 +430,7 @@ async def test_a_session_alice_created_is_refused_to_bob_by_the_sdk_itself(sdk_i
             assert await called(alice, "principal") == ["mcp_bearer:api-key", "alice"]
 
 
-@pytest.mark.skipif(MCP_MAJOR == 1, reason="requestState is MCP 2026-07-28")
+@pytest.mark.modern_only  # requestState is MCP 2026-07-28
 async def test_a_request_state_minted_for_alice_and_replayed_by_bob_is_refused_by_the_sdk(guarded: Guarded) -> None:
     from mcp.shared.exceptions import MCPError
 
@@ -451,7 +450,7 @@ async def test_a_request_state_minted_for_alice_and_replayed_by_bob_is_refused_b
     assert RAN == ["confirm"]
 
 
-@pytest.mark.skipif(MCP_MAJOR == 1, reason="Mcp-Name is MCP 2026-07-28")
+@pytest.mark.modern_only  # Mcp-Name is MCP 2026-07-28
 async def test_a_uri_the_client_sends_in_a_base64_sentinel_is_judged_as_the_body_names_it() -> None:
     """A name that would not survive as a header travels as =?base64?...?= (Streamable HTTP, Standard Headers)."""
     from mcp.server.mcpserver import MCPServer

@@ -51,8 +51,11 @@ from support import (
     AUDIENCE,
     CLIENT_ID,
     CLIENT_SECRET,
+    GENERATIONS,
+    HANDSHAKE,
     ISSUER,
     MCP_MAJOR,
+    MODERN,
     REPO,
     SECRETS,
     TOKENS,
@@ -94,7 +97,7 @@ FRAGMENTS = re.split(r"[:@/?#%]", PASSWORD)
 SECRETS.update({PASSWORD, quote(PASSWORD, safe=""), *FRAGMENTS})
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "mcp-bearer")
 WAIT = 10.0  # seconds any one wait may take before the test fails, far above the promised latencies
-LEGACY, MODERN = "2025-11-25", "2026-07-28"
+LEGACY = HANDSHAKE
 
 
 # --- a redis-server of each test's own ------------------------------------------------------------
@@ -934,12 +937,10 @@ def mcp_connect(url: str, generation: str, token: str, statuses: list[int]) -> A
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("generation", [LEGACY, MODERN])
+@pytest.mark.parametrize("generation", GENERATIONS)
 async def test_mcp_clients_on_two_replicas_under_a_root_path_are_signed_out_together(
     redis_db: RedisServer, introspection: IntrospectionEndpoint, generation: str
 ) -> None:
-    if generation == MODERN and MCP_MAJOR == 1:
-        pytest.skip("mcp 1.x speaks no 2026-07-28")
     token = grant(introspection, f"mcp-{generation}", sub="hana", iat=int(time.time()) - 30)
     with contextlib.ExitStack() as stack:
         stores = [RedisStore(redis_db.url) for _ in range(2)]

@@ -45,7 +45,19 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from mcp_bearer import BearerAuthMiddleware, JWTProvider, ProviderChain, StaticTokenProvider
-from support import MCP_MAJOR, SECRETS, ListHandler, Server, httpx, loopback_listener, record_text, serve
+from support import (
+    GENERATIONS,
+    HANDSHAKE,
+    MCP_MAJOR,
+    MODERN,
+    SECRETS,
+    ListHandler,
+    Server,
+    httpx,
+    loopback_listener,
+    record_text,
+    serve,
+)
 
 # The tests adapt to mcp 2.x or 1.x (as support.py does); mypy checks them against 2.x.
 if TYPE_CHECKING:
@@ -71,9 +83,7 @@ API_KEY_CLAIMS = {"sub": "ci-bot", "scopes": ["mcp:tools"]}
 USER = "alice"  # who approves every authorization
 REDIRECT_URI = "http://127.0.0.1:9/callback"  # never fetched: the stand-in browser reads the redirect
 WAIT = 60  # seconds any one test may take on a busy 2-core machine; a loop would hit it, not hang CI
-LEGACY = "2025-11-25"  # the initialize handshake generation
-MODERN = "2026-07-28"
-GENERATIONS = [MODERN, LEGACY]
+LEGACY = HANDSHAKE  # the initialize handshake generation
 TS_CLIENT = Path(__file__).parent / "ts_client"  # the TypeScript SDK's client: step_up.mjs, pinned by its lockfile
 
 
@@ -440,8 +450,6 @@ def oauth_provider(url: str, storage: MemoryStorage | None = None) -> OAuthClien
 @contextlib.asynccontextmanager
 async def connect(url: str, generation: str, **http_options: Any) -> AsyncIterator[Any]:
     """The SDK's client over streamable HTTP, speaking ``generation``; ``http_options`` go to the httpx client."""
-    if generation == MODERN and MCP_MAJOR == 1:
-        pytest.skip("mcp 1.x speaks no 2026-07-28")
     async with httpx.AsyncClient(timeout=20, **http_options) as http:
         transport = streamable_http_client(url, http_client=http)
         if MCP_MAJOR == 2:
@@ -662,12 +670,13 @@ UNION_WITH_NEVER = [*DELETE, NEVER_GRANTED]  # what a client that keeps its gran
         # v2 asks for the union and, since a refresh cannot widen a grant (RFC 6749 section 6), authorizes
         # anew even with a refresh token in hand. forbidden costs one authorization per attempt, the app's
         # retry included; the redirect that retry starts is the UnauthorizedError the caller sees.
-        (
+        pytest.param(
             "@modelcontextprotocol/client",
             MODERN,
             True,
             [REQUIRED, DELETE, UNION_WITH_NEVER, UNION_WITH_NEVER],
             "UnauthorizedError",
+            marks=pytest.mark.modern_only,  # an mcp 1.x server speaks no 2026-07-28
         ),
         (
             "@modelcontextprotocol/client",
@@ -699,8 +708,6 @@ def test_the_typescript_sdk_clients_step_up_once_and_stop_at_a_scope_never_grant
     refused_by: str,
     logs: list[logging.LogRecord],
 ) -> None:
-    if generation == MODERN and MCP_MAJOR == 1:
-        pytest.skip("mcp 1.x servers speak no 2026-07-28")
     node = node_with_the_typescript_sdk()
     authorization_server = deployment.authorization_server
     authorization_server.refresh_tokens = refresh_tokens
