@@ -486,21 +486,24 @@ def _recorded_keys(records: object, where: str) -> dict[bytes, _Key]:
 
 def _read_keys(path: str) -> dict[bytes, _Key]:
     """A keys file or a plain tokens file, read whole; ValueError (naming the file) for anything else."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as exc:  # a ValueError that would not name the file
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(document, dict):
         raise ValueError(f'{path} must hold a JSON object: {{token: claims}}, or a keys file {{"keys": [...]}}')
-    if isinstance(document.get("keys"), list):
-        keys = _recorded_keys(document["keys"], path)
-    else:
-        try:
+    try:  # a wrong shape is a ValueError like any other: the watcher keeps its last good set for it
+        if isinstance(document.get("keys"), list):
+            keys = _recorded_keys(document["keys"], path)
+        else:
             keys = _plain_keys(document, f"{path}: ")
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     if not keys:
         raise ValueError(f"{path} holds no keys: a server nobody can use")
     return keys
