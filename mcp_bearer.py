@@ -519,6 +519,7 @@ class _KeysFile:
         self._next_check = math.inf
         self._check: concurrent.futures.Future[dict[bytes, _Key] | None] | None = None
         self._lock = threading.Lock()
+        self._failed: tuple[int, int, int] | bool | None = False  # the broken version last logged (None: missing)
 
     def load(self) -> dict[bytes, _Key]:
         try:
@@ -547,17 +548,18 @@ class _KeysFile:
 
     def _reread(self) -> dict[bytes, _Key] | None:
         """In a worker thread: the new set if the file changed and reads well, else None (keep the current one)."""
+        stamp = None  # a file that cannot even be stat'ed (removed, say) is a broken version too
         try:
             stamp = self._stamp()
             if stamp == self._seen:
                 return None
             keys = _read_keys(self.path)
         except (OSError, ValueError) as exc:
-            if stamp != getattr(self, "_failed", None):  # one ERROR per broken version, not one per second
+            if stamp != self._failed:  # one ERROR per broken version, not one per second
                 self._failed = stamp
                 logger.error(_LOG_KEYS_FILE_BROKEN, self.path, getattr(exc, "strerror", None) or exc)
             return None
-        self._seen = stamp
+        self._seen, self._failed = stamp, False
         return keys
 
     def _stamp(self) -> tuple[int, int, int]:
