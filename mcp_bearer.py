@@ -536,10 +536,11 @@ class _KeysFile:
     async def refreshed(self, current: dict[bytes, _Key]) -> dict[bytes, _Key]:
         """The key set as the file now has it, checked in a worker thread (concurrent requests share one check)."""
         with self._lock:
-            if self._check is None or self._check.done():
-                self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS
-                self._check = _worker_pool().submit(self._reread)
-            check = self._check
+            self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS
+            previous = self._check
+            if previous is not None and not previous.done():
+                return current  # a read still running (a stalled file system): no other request waits on it
+            self._check = check = _worker_pool().submit(self._reread)
         try:
             keys = await _result(check, 5.0)
         except TimeoutError:
