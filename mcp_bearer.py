@@ -2952,8 +2952,6 @@ class BearerAuthMiddleware:
         return None
 
     async def _refuse(self, scope: Scope, send: Send, refusal: _Response, access: object = None) -> None:
-        if refusal.status == 401 and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
-            refusal = self._no_oauth  # an OAuth client probing a server without resource=: no OAuth here
         reason = None
         if refusal.error == "invalid_token":  # a token refused: why, for operators only (DEBUG, the audit trail)
             reason = (
@@ -2963,6 +2961,9 @@ class BearerAuthMiddleware:
             logger.debug(_LOG_REFUSED, reason)
             if self._throttle is not None:
                 self._throttle.failed(scope)
+        # After the count: a token guessed at /register is still a refused token.
+        if refusal.status == 401 and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
+            refusal = self._no_oauth  # an OAuth client probing a server without resource=: no OAuth here
         if self._audit:
             self._audit_decision(scope, refusal, access, reason)
         await self._respond(scope, send, refusal)
