@@ -1467,6 +1467,11 @@ def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
     return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at, shared.source)
 
 
+# Refusals that only say "not my kind of token": in a chain, the word of the provider whose kind it is
+# (a revoked API key, an expired JWT) is the one an operator needs, whichever comes last.
+_FOREIGN = ("unknown API key", "not a JWT")
+
+
 class ProviderChain(BearerAuthProvider):
     """Several token sources in order (API keys, then JWTs, ...): the first :class:`AccessToken` wins.
 
@@ -1482,13 +1487,17 @@ class ProviderChain(BearerAuthProvider):
         self._verifiers = [_verifier(f"provider #{n}", p) for n, p in enumerate(providers, 1)]
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        reason = None
         for position, verify in enumerate(self._verifiers, 1):
             access = await verify(token)
             if access is not None:
                 if isinstance(access, AccessToken) and access.source is None and _claimed_issuer(access) is None:
                     access.source = f"{_UNNAMED_SOURCE}#{position}"
                 return access
-        return None
+            said = _refusal_reason.get()
+            if said is not None and (reason is None or not said.startswith(_FOREIGN)):
+                reason = said
+        return None if reason is None else _refused(reason)
 
 
 # --- many replicas, one truth: verdicts, revocations and failure counts in Redis -------------
