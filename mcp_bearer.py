@@ -3081,8 +3081,12 @@ def _load_app(args: argparse.Namespace) -> Any:
     if not module_name or not attr:
         _fail(f"app {target!r} must look like MODULE:ATTR, e.g. server:app")
     if module_name.endswith(".py") or "/" in module_name:
-        dotted = module_name.removesuffix(".py").replace("/", ".")
-        _fail(f"app {target!r} names a file; give the module, as Python imports it: {dotted}:{attr}")
+        where = os.path.abspath(module_name.removesuffix(".py"))
+        relative, directory = os.path.relpath(where), ""
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # modules are imported from here
+            relative, directory = os.path.basename(where), f", from {os.path.dirname(where)}"
+        dotted = relative.replace(os.sep, ".")
+        _fail(f"app {target!r} names a file; give the module, as Python imports it: {dotted}:{attr}{directory}")
     sys.path.insert(0, os.getcwd())  # as uvicorn does: serve a module from the current directory
     try:
         obj: Any = importlib.import_module(module_name)
