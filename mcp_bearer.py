@@ -3497,8 +3497,9 @@ def _keys_main(argv: list[str]) -> None:
         return
     if args.command == "revoke":
         kept = [record for record in records if record.get("id") != args.id]
-        if len(kept) == len(records):
-            _fail(f"no key {args.id!r} in {args.file}")
+        if len(kept) == len(records):  # not echoed unless shaped like an id: it may be the key itself, pasted
+            named = repr(args.id) if re.fullmatch(r"[0-9a-f]{12}", args.id) else "with that id (12 hex digits)"
+            _fail(f"no key {named} in {args.file}")
         _write_key_records(args.file, kept)
         print(f"revoked {args.id}")
         return
