@@ -785,7 +785,7 @@ def test_every_refusal_has_its_reason_once_for_operators_and_never_the_token(
 
 def test_a_reason_belongs_to_its_own_refusal() -> None:
     """Two refusals in one task (a server that reuses it, a test client): the second must not inherit the first's."""
-    harness = Harness(ProviderChainless())
+    harness = Harness(KeysThenSilence())
 
     async def twice() -> None:
         for token in (NOBODY, "sk-says-nothing-Hq7Vd2"):
@@ -810,7 +810,7 @@ def test_a_reason_belongs_to_its_own_refusal() -> None:
     ]
 
 
-class ProviderChainless(BearerAuthProvider):
+class KeysThenSilence(BearerAuthProvider):
     """API keys, and for any other token a plain None, no reason given: as a user's own provider says it."""
 
     def __init__(self) -> None:
