@@ -158,12 +158,12 @@ def test_the_throttle_lifts_once_the_window_has_passed_and_is_a_sliding_window()
         time.sleep(0.05)
     assert (outcome.status, outcome.provider_calls) == (200, [BOB])
     # Refusals further apart than the window never add up.
-    harness = throttled(window=1.0)
+    harness = throttled(window=2.0)
     tokens = guesses()
     assert spray(harness, 2, tokens=tokens) == [401, 401]
-    time.sleep(1.2)
+    time.sleep(2.4)
     assert spray(harness, 2, tokens=tokens) == [401, 401]
-    assert spray(harness, 1, tokens=tokens) == [401]  # three in the last second: now the limit
+    assert spray(harness, 1, tokens=tokens) == [401]  # three in the last two seconds: now the limit
     assert send(harness, next(tokens)).status == 429
 
 
