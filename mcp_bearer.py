@@ -500,21 +500,24 @@ def _recorded_keys(records: object, where: str) -> dict[bytes, _Key]:
 
 def _read_keys(path: str) -> dict[bytes, _Key]:
     """A keys file or a plain tokens file, read whole; ValueError (naming the file) for anything else."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as exc:  # a ValueError that would not name the file
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(document, dict):
         raise ValueError(f'{path} must hold a JSON object: {{token: claims}}, or a keys file {{"keys": [...]}}')
-    if isinstance(document.get("keys"), list):
-        keys = _recorded_keys(document["keys"], path)
-    else:
-        try:
+    try:  # a wrong shape is a ValueError like any other: the watcher keeps its last good set for it
+        if isinstance(document.get("keys"), list):
+            keys = _recorded_keys(document["keys"], path)
+        else:
             keys = _plain_keys(document, f"{path}: ")
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     if not keys:
         raise ValueError(f"{path} holds no keys: a server nobody can use")
     return keys
@@ -530,6 +533,7 @@ class _KeysFile:
         self._next_check = math.inf
         self._check: concurrent.futures.Future[dict[bytes, _Key] | None] | None = None
         self._lock = threading.Lock()
+        self._failed: tuple[int, int, int] | bool | None = False  # the broken version last logged (None: missing)
 
     def load(self) -> dict[bytes, _Key]:
         try:
@@ -546,10 +550,11 @@ class _KeysFile:
     async def refreshed(self, current: dict[bytes, _Key]) -> dict[bytes, _Key]:
         """The key set as the file now has it, checked in a worker thread (concurrent requests share one check)."""
         with self._lock:
-            if self._check is None or self._check.done():
-                self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS
-                self._check = _worker_pool().submit(self._reread)
-            check = self._check
+            self._next_check = time.monotonic() + _KEYS_FILE_CHECK_SECONDS
+            previous = self._check
+            if previous is not None and not previous.done():
+                return current  # a read still running (a stalled file system): no other request waits on it
+            self._check = check = _worker_pool().submit(self._reread)
         try:
             keys = await _result(check, 5.0)
         except TimeoutError:
@@ -558,17 +563,18 @@ class _KeysFile:
 
     def _reread(self) -> dict[bytes, _Key] | None:
         """In a worker thread: the new set if the file changed and reads well, else None (keep the current one)."""
+        stamp = None  # a file that cannot even be stat'ed (removed, say) is a broken version too
         try:
             stamp = self._stamp()
             if stamp == self._seen:
                 return None
             keys = _read_keys(self.path)
         except (OSError, ValueError) as exc:
-            if stamp != getattr(self, "_failed", None):  # one ERROR per broken version, not one per second
+            if stamp != self._failed:  # one ERROR per broken version, not one per second
                 self._failed = stamp
                 logger.error(_LOG_KEYS_FILE_BROKEN, self.path, getattr(exc, "strerror", None) or exc)
             return None
-        self._seen = stamp
+        self._seen, self._failed = stamp, False
         return keys
 
     def _stamp(self) -> tuple[int, int, int]:
@@ -1503,6 +1509,11 @@ def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
     return AccessToken(token, _copied(shared.claims), list(shared.scopes), shared.expires_at, shared.source)
 
 
+# Refusals that only say "not my kind of token": in a chain, the word of the provider whose kind it is
+# (a revoked API key, an expired JWT) is the one an operator needs, whichever comes last.
+_FOREIGN = ("unknown API key", "not a JWT")
+
+
 class ProviderChain(BearerAuthProvider):
     """Several token sources in order (API keys, then JWTs, ...): the first :class:`AccessToken` wins.
 
@@ -1518,13 +1529,17 @@ class ProviderChain(BearerAuthProvider):
         self._verifiers = [_verifier(f"provider #{n}", p) for n, p in enumerate(providers, 1)]
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        reason = None
         for position, verify in enumerate(self._verifiers, 1):
             access = await verify(token)
             if access is not None:
                 if isinstance(access, AccessToken) and access.source is None and _claimed_issuer(access) is None:
                     access.source = f"{_UNNAMED_SOURCE}#{position}"
                 return access
-        return None
+            said = _refusal_reason.get()
+            if said is not None and (reason is None or not said.startswith(_FOREIGN)):
+                reason = said
+        return None if reason is None else _refused(reason)
 
 
 # --- many replicas, one truth: verdicts, revocations and failure counts in Redis -------------
@@ -3091,6 +3106,9 @@ class BearerAuthMiddleware:
             logger.debug(_LOG_REFUSED, reason)
             if self._throttle is not None:
                 self._throttle.failed(scope)
+        # After the count: a token guessed at /register is still a refused token.
+        if refusal.status == 401 and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
+            refusal = self._no_oauth  # an OAuth client probing a server without resource=: no OAuth here
         if self._audit:
             self._audit_decision(scope, refusal, access, reason)
         await self._respond(scope, send, refusal)
@@ -3199,8 +3217,12 @@ def _load_app(args: argparse.Namespace) -> Any:
     if not module_name or not attr:
         _fail(f"app {target!r} must look like MODULE:ATTR, e.g. server:app")
     if module_name.endswith(".py") or "/" in module_name:
-        dotted = module_name.removesuffix(".py").replace("/", ".")
-        _fail(f"app {target!r} names a file; give the module, as Python imports it: {dotted}:{attr}")
+        where = os.path.abspath(module_name.removesuffix(".py"))
+        relative, directory = os.path.relpath(where), ""
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # modules are imported from here
+            relative, directory = os.path.basename(where), f", from {os.path.dirname(where)}"
+        dotted = relative.replace(os.sep, ".")
+        _fail(f"app {target!r} names a file; give the module, as Python imports it: {dotted}:{attr}{directory}")
     sys.path.insert(0, os.getcwd())  # as uvicorn does: serve a module from the current directory
     try:
         obj: Any = importlib.import_module(module_name)
@@ -3611,8 +3633,9 @@ def _keys_main(argv: list[str]) -> None:
         return
     if args.command == "revoke":
         kept = [record for record in records if record.get("id") != args.id]
-        if len(kept) == len(records):
-            _fail(f"no key {args.id!r} in {args.file}")
+        if len(kept) == len(records):  # not echoed unless shaped like an id: it may be the key itself, pasted
+            named = repr(args.id) if re.fullmatch(r"[0-9a-f]{12}", args.id) else "with that id (12 hex digits)"
+            _fail(f"no key {named} in {args.file}")
         _write_key_records(args.file, kept)
         print(f"revoked {args.id}")
         return
