@@ -373,7 +373,7 @@ class StaticTokenProvider(BearerAuthProvider):
     Only SHA-256 digests of the tokens are kept. A presented token is hashed and
     looked up by digest, so lookup time depends on the digest, not on how many
     leading characters of a real key the caller guessed. A key of ours (``mcpb_``) whose
-    checksum does not hold is refused before any lookup. :meth:`from_file` reads a keys
+    checksum does not hold can never be listed (ValueError) and so never matches. :meth:`from_file` reads a keys
     file (digests only, with expiry) or a plain tokens file, and follows its changes.
     """
 
@@ -470,8 +470,13 @@ def _plain_keys(tokens: Mapping[Any, Any], where: str = "") -> dict[bytes, _Key]
             raise ValueError(f"{where}token #{position} is not a non-empty RFC 6750 token (A-Z a-z 0-9 -._~+/ then =)")
         if not isinstance(claims, Mapping):
             raise TypeError(f"{where}claims of token #{position} must be a mapping, not {type(claims).__name__}")
+        key_id = _key_id(token)
+        if key_id == "":  # it could never be used: the middleware refuses it before any provider asks
+            raise ValueError(
+                f"{where}token #{position} starts with {KEY_PREFIX} but its checksum does not hold: a typo?"
+            )
         scopes = _scopes_of(claims, f"{where}token #{position}")
-        keys[_digest(token)] = _Key(_Claims(claims), scopes, None, _key_id(token) or None)
+        keys[_digest(token)] = _Key(_Claims(claims), scopes, None, key_id)
     return keys
 
 
@@ -3042,10 +3047,6 @@ class BearerAuthMiddleware:
                 elif name in _ROUTING_HEADERS:
                     routing = [*routing, (name, value)]
         if authorization is None:
-            path = scope["path"]  # an OAuth client probing a server without resource=: no OAuth here
-            discovery = "/.well-known/" in path or "/register" in path
-            if discovery and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
-                return self._no_oauth, session_id, routing
             return self._refusals.unauthorized, session_id, routing
         if authorizations > 1:  # which one would the app trust? Refuse rather than guess.
             return self._refusals.malformed, session_id, routing
@@ -3106,8 +3107,16 @@ class BearerAuthMiddleware:
             logger.debug(_LOG_REFUSED, reason)
             if self._throttle is not None:
                 self._throttle.failed(scope)
-        # After the count: a token guessed at /register is still a refused token.
-        if refusal.status == 401 and self._no_oauth is not None and _is_oauth_discovery(_relative_path(scope)):
+        # After the count: a token guessed at /register is still a refused token. Two substring tests
+        # first, so that the 401s of every other path pay next to nothing for it.
+        path = scope["path"]
+        discovery = "/.well-known/" in path or "/register" in path
+        if (
+            discovery
+            and refusal.status == 401
+            and self._no_oauth is not None
+            and _is_oauth_discovery(_relative_path(scope))
+        ):
             refusal = self._no_oauth  # an OAuth client probing a server without resource=: no OAuth here
         if self._audit:
             self._audit_decision(scope, refusal, access, reason)

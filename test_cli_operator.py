@@ -707,7 +707,7 @@ REFUSALS: list[tuple[str, Make, Callable[[], str], str, dict[str, Any]]] = [
     ("api-key-unknown", lambda s: StaticTokenProvider({BOB: {}}), lambda: NOBODY, "unknown API key", {}),
     (
         "api-key-typo",
-        lambda s: StaticTokenProvider({TYPO: {}}),
+        lambda s: StaticTokenProvider({BOB: {}}),
         lambda: TYPO,
         "malformed API key (its checksum does not hold)",
         {},

@@ -33,6 +33,7 @@ from support import (
     BOB,
     INVALID_TOKEN,
     SECRETS,
+    FakeProvider,
     Harness,
     bearer,
     call_json,
@@ -41,6 +42,7 @@ from support import (
     mcp_app,
     mcp_bearer_log,
     serve,
+    verdict,
     whoami,
 )
 from test_cli_operator import (
@@ -157,12 +159,12 @@ def typos(key: str) -> Iterator[str]:
         yield key[:n] + "x" + key[n:]
 
 
-def test_every_typo_of_a_key_fails_its_checksum_and_is_refused_even_if_listed() -> None:
-    """Refused before any lookup: even a provider that lists the mistyped token never accepts it."""
+def test_every_typo_of_a_key_fails_its_checksum_is_refused_and_cannot_be_listed() -> None:
+    """A mistyped key is refused with its reason, and a provider refuses to list one (it could never match)."""
     key = fresh_key()
     mistyped = set(typos(key))
     assert len(mistyped) > 3000
-    provider = StaticTokenProvider({key: {"sub": "alice"}, **{t: {"sub": "mallory"} for t in mistyped}})
+    provider = StaticTokenProvider({key: {"sub": "alice"}})
 
     async def verdicts() -> list[tuple[str, AccessToken | None, str | None]]:
         seen = []
@@ -175,6 +177,10 @@ def test_every_typo_of_a_key_fails_its_checksum_and_is_refused_even_if_listed() 
         assert (mcp_bearer._key_id(token), access) == ("", None), token
         assert reason == "malformed API key (its checksum does not hold)"
     assert isinstance(anyio.run(provider.verify_token, key), AccessToken)
+    for token in sorted(mistyped)[::97]:
+        with pytest.raises(ValueError, match=r"^token #2 starts with mcpb_ but its checksum does not hold") as caught:
+            StaticTokenProvider({key: {"sub": "alice"}, token: {"sub": "mallory"}})
+        assert token not in str(caught.value)
 
 
 def with_checksum(body: str) -> str:
@@ -201,9 +207,12 @@ FOREIGN = [
 @pytest.mark.parametrize("token", FOREIGN, ids=range(len(FOREIGN)))
 def test_tokens_shaped_like_ours_are_refused_before_any_lookup(token: str) -> None:
     SECRETS.add(token)
-    provider = StaticTokenProvider({token: {"sub": "mallory"}})
+    with pytest.raises(ValueError, match="starts with mcpb_ but its checksum does not hold"):
+        StaticTokenProvider({token: {"sub": "mallory"}})  # it could never be used: said at startup
+    provider = FakeProvider(otherwise=verdict("mallory"))  # a provider that would accept anything
     assert mcp_bearer._key_id(token) == ""
     assert Harness(provider).request(bearer(token)).status == 401
+    assert provider.calls == []
     # Only the prefix, exactly, is ours: another token is looked up as any plain API key.
     other = "MCPB_" + token.removeprefix("mcpb_")
     SECRETS.add(other)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import string
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -684,11 +686,42 @@ ORACLE_B64CHARS = frozenset("-._~+/" + string.ascii_letters + string.digits)
 FUZZ_MAX_LENGTHS = (DEFAULT_MAX_TOKEN_LENGTH, DEFAULT_MAX_TOKEN_LENGTH, len(BOB), len(BOB) - 1, len(ALICE_1), 4)
 
 
+# Without resource=, OAuth discovery finds no authorization server here: 404, not a 401 (README, HTTP responses).
+ORACLE_DISCOVERY = ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration")
+ORACLE_NO_OAUTH = (
+    404,
+    {"error": "not_found", "error_description": "No OAuth here: send an API key as Authorization: Bearer <key>"},
+)
+ORACLE_BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def oracle_discovery(relative: str) -> bool:
+    discovery = relative.startswith((*ORACLE_DISCOVERY, "/.well-known/oauth-protected-resource"))
+    return discovery or relative == "/register" or relative.endswith("/.well-known/openid-configuration")
+
+
+def oracle_bad_key(token: str) -> bool:
+    """Shaped like one of our keys (mcpb_) but its CRC-32 checksum, in base62, does not hold: nobody is asked."""
+    if not token.startswith("mcpb_"):
+        return False
+    if not re.fullmatch(r"mcpb_[0-9a-f]{12}_[0-9A-Za-z]{38}", token):
+        return True
+    value = zlib.crc32(token[:-6].encode())
+    return "".join(ORACLE_BASE62[value // 62**n % 62] for n in (5, 4, 3, 2, 1, 0)) != token[-6:]
+
+
 def oracle(
     headers: Headers, path: str, method: str, root_path: str, max_length: int
 ) -> tuple[list[Response], str | None]:
     """What the spec says must happen: the acceptable (status, body) answers and the token the provider sees."""
     relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
+    allowed, asked = oracle_by_rule(headers, relative, method, max_length)
+    if oracle_discovery(relative):
+        allowed = [ORACLE_NO_OAUTH if answer[0] == 401 else answer for answer in allowed]
+    return allowed, asked
+
+
+def oracle_by_rule(headers: Headers, relative: str, method: str, max_length: int) -> tuple[list[Response], str | None]:
     if relative in DEFAULT_EXCLUDED_PATHS:
         return [APP], None
     names = [name.lower() for name, _ in headers]
@@ -714,6 +747,8 @@ def oracle(
         return [(401, INVALID_TOKEN)] if well_formed else [(401, INVALID_TOKEN), (400, MALFORMED)], None
     if not well_formed:
         return [(400, MALFORMED)], None
+    if oracle_bad_key(token):
+        return [(401, INVALID_TOKEN)], None
     if token not in TOKENS:
         return [(401, INVALID_TOKEN)], token
     if b"mcp-session-id" in names:  # no session was ever created through this middleware
