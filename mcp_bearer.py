@@ -2490,9 +2490,8 @@ class _OperationGuard:
         self, scope: Scope, receive: Receive, access: AccessToken, routing: list[tuple[bytes, bytes]]
     ) -> tuple[_Response | None, Receive]:
         """A refusal, or the ``receive`` that hands the app the body this read."""
-        granted = self._hierarchy.effective(access.scopes)
         if scope["type"] != "http" or scope.get("method") != "POST":
-            return self._verdict(self._required, granted), receive
+            return self._verdict(self._required, access), receive
         messages = [await receive()]
         if messages[0]["type"] != "http.request" or messages[0].get("more_body", False):
             read = await self._rest_of_body(receive, messages)
@@ -2508,10 +2507,12 @@ class _OperationGuard:
         except Exception as exc:  # a rule of the user's that fails is no reason to let the request through
             logger.error(_LOG_OPERATION_SCOPES_FAILED, "".join(traceback.format_exception(exc)))
             return self._refusals.server_error, receive
-        return self._verdict(needed, granted), _replaying(messages, receive)
+        return self._verdict(needed, access), _replaying(messages, receive)
 
-    def _verdict(self, needed: tuple[str, ...], granted: frozenset[str]) -> _Response | None:
-        return None if granted.issuperset(needed) else self._refusals.insufficient_for(needed)
+    def _verdict(self, needed: tuple[str, ...], access: AccessToken) -> _Response | None:
+        if not needed or self._hierarchy.effective(access.scopes).issuperset(needed):
+            return None
+        return self._refusals.insufficient_for(needed)
 
     async def _rest_of_body(self, receive: Receive, messages: list[Message]) -> _Response | None:
         """A body in several messages, each added to ``messages``; a refusal where it cannot be read whole."""
@@ -2579,10 +2580,10 @@ def _readings(method: str, name: str | None) -> tuple[str | None, ...]:
 def _read_json(body: bytes) -> Any:
     """The body as ``json.loads(body)`` reads it (encoding detected, a BOM allowed), without its wrapper's cost."""
     # json.detect_encoding's answer for a body that opens an object or array in ASCII, without its cost.
-    encoding = "utf-8" if body[:1] in (b"{", b"[") and body[1:2] != b"\x00" else json.detect_encoding(body)
+    plain = body.startswith((b"{", b"[")) and body[1:2] != b"\x00"
     try:
-        text = body.decode(encoding, "surrogatepass")
-        start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+        text = body.decode("utf-8" if plain else json.detect_encoding(body), "surrogatepass")
+        start = 0 if plain else len(text) - len(text.lstrip(_JSON_WHITESPACE))
         value, end = _JSON_SCAN(text, start)
     except (ValueError, RecursionError, StopIteration):  # StopIteration: no JSON value at all
         raise _Unreadable from None
@@ -2651,9 +2652,8 @@ def _header_name(value: str) -> str:
         raise _Unreadable from None
 
 
-def _replaying(messages: list[Message], receive: Receive) -> Receive:
-    """The app's ``receive``: the body messages already read, as they came, then the server's own."""
-    pending = list(messages)
+def _replaying(pending: list[Message], receive: Receive) -> Receive:
+    """The app's ``receive``: the body messages already read (this list, taken over), then the server's own."""
 
     async def replay() -> Message:
         if pending:
@@ -2680,18 +2680,15 @@ class _SDKCaller:
         self.context_var = importlib.import_module("mcp.server.auth.middleware.auth_context").auth_context_var
         caller = _sdk_user_type(bearer_auth.AuthenticatedUser, importlib.import_module("mcp.server.auth.provider"))
         self._new_user: Callable[[], Any] = functools.partial(object.__new__, caller)  # the SDK's __init__ unrun
-        self._set, self._reset = self.context_var.set, self.context_var.reset
+        self._set = self.context_var.set
 
-    def user(self, access: AccessToken) -> Any:
-        """The caller as the SDK's AuthenticatedUser: nothing of the SDK's is built until something reads it."""
-        user = self._new_user()
+    def enter(self, scope: Scope, access: AccessToken) -> contextvars.Token[Any]:
+        """Hand the SDK this request's caller, as its AuthenticatedUser; nothing of the SDK's is built
+        until something reads it. Returns the token that resets its context variable."""
+        scope["user"] = user = self._new_user()
         user._access = access
-        return user
-
-    def enter(self, scope: Scope, access: AccessToken) -> Callable[[], None]:
-        """Hand the SDK this request's caller; returns what resets its context variable."""
-        scope["user"] = user = self.user(access)
-        return functools.partial(self._reset, self._set(user))
+        reset: contextvars.Token[Any] = self._set(user)
+        return reset
 
     @staticmethod
     def wanted() -> bool:
@@ -2915,10 +2912,10 @@ class BearerAuthMiddleware:
         if max_failures is not None:
             failures = _positive_int("max_failures", max_failures)
             self._throttle = _Throttle(failures, window, self._refusals, store)
-        # What else handing the app its caller takes; the SDK alone (an MCP app's usual case) has its own short way.
+        # What else handing the app its caller takes, if anything.
         others = self._audit or scope_implies is not None or self._throttle is not None
         self._entering: Callable[[Scope, AccessToken, Callable[[], None] | None], Callable[[], None] | None] | None
-        self._entering = self._enter if others else self._enter_sdk if self._sdk is not None else None
+        self._entering = self._enter if others else None
         self._watched_name_sizes = _WATCHED_NAME_SIZES | (_ROUTING_NAME_SIZES if self._operations else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -2935,10 +2932,8 @@ class BearerAuthMiddleware:
             return await self._answer_public(scope, receive, send, public)
 
         token, session_id, routing = self._credentials(scope)
-        if not isinstance(token, str):
+        if not isinstance(token, str):  # none, malformed, or its client throttled: the provider is not asked
             return await self._refuse(scope, send, token)
-        if self._throttle is not None and (throttled := self._throttle.refusal(scope, token)) is not None:
-            return await self._refuse(scope, send, throttled)  # the provider is not asked
         refusal: _Response | None
         try:
             access = await self._verify(token)
@@ -2959,24 +2954,22 @@ class BearerAuthMiddleware:
 
         scope.setdefault("state", {})["access_token"] = access  # where Starlette's request.state finds it
         after = self._entering(scope, access, ended) if self._entering else ended
+        sdk = self._sdk.enter(scope, access) if self._sdk is not None else None  # an MCP app's usual case
         reset = _current_token.set(access)
         try:
             await self.app(scope, receive, send)
         finally:
             _current_token.reset(reset)
+            if sdk is not None:
+                sdk.var.reset(sdk)
             if after is not None:
                 after()
-
-    def _enter_sdk(self, scope: Scope, access: AccessToken, ended: Callable[[], None] | None) -> Callable[[], None]:
-        assert self._sdk is not None
-        undo = self._sdk.enter(scope, access)
-        return undo if ended is None else functools.partial(_undo_all, [ended, undo])
 
     def _enter(self, scope: Scope, access: AccessToken, ended: Callable[[], None] | None) -> Callable[[], None] | None:
         """The optional parts of handing the app its caller; returns what to undo once the app is done.
 
-        The audit record; the scope hierarchy, for ``require_scopes`` in tools; the caller as the MCP
-        SDK reads it (``scope["user"]`` and its auth context variable).
+        The audit record; the throttle's note of an accepted token; the scope hierarchy, for
+        ``require_scopes`` in tools. (The caller as the MCP SDK reads it is handed over in ``__call__``.)
         """
         if self._audit:
             self._audit_decision(scope, None, access, None)
@@ -2986,8 +2979,6 @@ class BearerAuthMiddleware:
         if self._hierarchy is not _NO_HIERARCHY:
             scope["state"][_HIERARCHY_KEY] = self._hierarchy
             undo.append(functools.partial(_current_hierarchy.reset, _current_hierarchy.set(self._hierarchy)))
-        if self._sdk is not None:
-            undo.append(self._sdk.enter(scope, access))
         if len(undo) < 2:  # nothing, or one thing, to undo: no list to walk
             return undo[0] if undo else None
         return functools.partial(_undo_all, undo)
@@ -3024,7 +3015,7 @@ class BearerAuthMiddleware:
 
     def _credentials(self, scope: Scope) -> tuple[str | _Response, bytes | None, list[tuple[bytes, bytes]]]:
         """The bearer token, the ``Mcp-Session-Id`` and the MCP routing headers of a request; a refusal
-        instead of the token where there is none or it is malformed.
+        instead of the token where there is none, it is malformed, or its client is throttled.
 
         One pass over the raw header pairs, as uvicorn's ProxyHeadersMiddleware reads them;
         servers send lowercase names, hand-built scopes may not (RFC 9110 section 5.1). A
@@ -3060,7 +3051,10 @@ class BearerAuthMiddleware:
         if token.startswith(b"mcpb_") and _key_id(token.decode("ascii")) == "":  # refused before any provider asks
             _refused("malformed API key (its checksum does not hold)")
             return self._invalid_token, session_id, routing
-        return token.decode("ascii"), session_id, routing
+        text = token.decode("ascii")
+        if self._throttle is not None and (throttled := self._throttle.refusal(scope, text)) is not None:
+            return throttled, session_id, routing
+        return text, session_id, routing
 
     def _refusal_for(self, authorization: bytes) -> _Response:
         """Why a header that is not ``Bearer <token68>`` is refused: no bearer credentials, or malformed ones."""

@@ -7,6 +7,7 @@ capability has a test file of its own; what they share is in support.py and conf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -434,6 +435,38 @@ def test_context_is_reset_when_the_app_raises() -> None:
         return get_access_token()
 
     assert anyio.run(run) is None
+
+
+def test_the_sdks_caller_is_the_requests_own_and_gone_after_it_even_when_the_app_raises() -> None:
+    """With sdk_identity, the SDK's auth context variable holds the caller for the app only."""
+    from mcp.server.auth.middleware.auth_context import get_access_token as sdk_access_token
+
+    seen: list[tuple[str | None, str | None]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        access = sdk_access_token()
+        seen.append((access.subject if access else None, scope["user"].access_token.subject))
+        if access is not None and access.subject == "alice":
+            raise ValueError("app bug")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = BearerAuthMiddleware(app, FakeProvider(), sdk_identity=True)
+
+    async def discard(message: Message) -> None:
+        pass
+
+    async def run() -> list[object]:
+        after = []
+        for token in (BOB, ALICE_1, BOB):
+            scope: Scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": bearer(token)}
+            with contextlib.suppress(ValueError):
+                await middleware(scope, never_receive, discard)
+            after.append(sdk_access_token())
+        return after
+
+    assert anyio.run(run) == [None, None, None]
+    assert seen == [("bob", "bob"), ("alice", "alice"), ("bob", "bob")]
 
 
 def test_state_is_created_when_absent_and_kept_when_present() -> None:
