@@ -1374,9 +1374,10 @@ class CachedProvider(BearerAuthProvider):
         entry = self._entries.get(key)
         if entry is not None:
             deadline, (claims, scopes, expires_at, source) = entry
-            if time.monotonic() < deadline:
+            now = time.monotonic()
+            if now < deadline:
                 access = AccessToken(token, claims.copy(), list(scopes), expires_at, source)
-                return access if store is None or not store.revokes(access) else _refused(_REVOKED)
+                return access if store is None or not store.revokes(access, now) else _refused(_REVOKED)
             del self._entries[key]
         if self._refused:
             refused_until = self._refused.get(key)
@@ -1674,8 +1675,9 @@ class RedisStore:
                 await _result(self._first_poll, self._timeout * 2)
         return self.revokes(access)
 
-    def revokes(self, access: AccessToken) -> bool:
-        stale = time.monotonic() - self._synced_at > _DENY_LIST_STALE_SECONDS
+    def revokes(self, access: AccessToken, now: float | None = None) -> bool:
+        """Whether this process's copy of the deny list revokes the verdict (``now``: ``time.monotonic()``)."""
+        stale = (time.monotonic() if now is None else now) - self._synced_at > _DENY_LIST_STALE_SECONDS
         if stale and not (self._use_last and self._synced_at > -math.inf):  # never read: there is no last copy
             raise ProviderUnavailable("the deny list cannot be read from Redis", retry_after=_DENY_LIST_STALE_SECONDS)
         if not self._jtis and not self._subjects:
