@@ -2203,8 +2203,6 @@ class _SessionOwners:
         self, scope: Scope, send: Send, access: AccessToken, session_id: bytes | None
     ) -> tuple[_Response | None, Send, Callable[[], None] | None]:
         """A refusal, or the ``send`` that watches the response, and what to do once the app is done."""
-        if scope["type"] != "http":
-            return None, send, None
         method = scope.get("method")
         if self._message_paths and self._names_anothers_stream(scope, access):
             return self._not_found, send, None
@@ -2230,9 +2228,9 @@ class _SessionOwners:
         own; elsewhere, naming a session someone else owns is enough to be refused.
         """
         keys = _sse_session_keys(scope.get("query_string", b""))
-        on_messages_path = _under(_relative_path(scope), self._message_paths)
         if not keys:
             return False  # no session named: the SDK itself answers 400
+        on_messages_path = _under(_relative_path(scope), self._message_paths)
         principal = _principal(access)
         if on_messages_path and (len(keys) != 1 or self.owners.get(keys[0]) != principal):
             return True
@@ -2947,7 +2945,7 @@ class BearerAuthMiddleware:
             return await self._refuse(scope, send, refusal, access)
         assert isinstance(access, AccessToken)  # for the type checker: _judge refused everything else
         ended = None
-        if self._sessions is not None:
+        if self._sessions is not None and kind == "http":  # a websocket carries no MCP session
             refusal, send, ended = self._sessions.admit(scope, send, access, session_id)
         if self._operations is not None and refusal is None:
             refusal, receive = await self._operations.admit(scope, receive, access, routing)
