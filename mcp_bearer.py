@@ -1554,6 +1554,17 @@ _LOG_STORE_DOWN = "Redis store %s unreachable (%s): verdicts are asked of the pr
 _LOG_STORE_UP = "Redis store %s reachable again"
 _STORE_POLL_SECONDS = 0.5  # how often each replica reads the deny list, invalidations and throttled addresses
 _DENY_LIST_STALE_SECONDS = 2.0  # an older copy cannot tell a revoked token from a good one
+# Run in Redis with each change to the deny list (atomically, so a concurrent change is never lost):
+# drop the entries whose tokens have all expired, so the list holds what still matters and no more.
+_PRUNE_DENY_LIST = """
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local ok, entry = pcall(cjson.decode, entries[i + 1])
+  if ok and type(entry) == 'table' and tonumber(entry['until']) and tonumber(entry['until']) <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], entries[i])
+  end
+end
+"""
 _MAX_STORE_EVENTS = 1024  # invalidations remembered for caches that have not yet applied them
 
 
@@ -1659,6 +1670,7 @@ class RedisStore:
         """A change to the shared deny list; raises OSError where Redis cannot take it (the operator must know)."""
         try:
             pipe = self._client.pipeline(transaction=True)
+            pipe.eval(_PRUNE_DENY_LIST, 1, self._key("deny"), repr(time.time()))
             pipe.hset(self._key("deny"), name, json.dumps(entry))
             # A value never seen before, not a count: a count starts again when Redis does (no persistence,
             # a restore, a failover), and a replica holding the same number would never read the change.

@@ -584,6 +584,42 @@ def test_the_file_is_checked_at_most_once_a_second_by_one_worker_for_all_request
         OPENED.clear()
 
 
+@pytest.mark.slow
+def test_a_stalled_read_is_never_piled_on_and_the_keys_keep_working_meanwhile(tmp_path: Path) -> None:
+    # A stalled file system, for real: the keys file replaced by a FIFO, whose open() blocks until a writer comes.
+    key = fresh_key()
+    path = tmp_path / "keys.json"
+    write(path, keys_of(record(key)))
+    provider = StaticTokenProvider.from_file(path)
+    path.unlink()
+    os.mkfifo(path)
+    time.sleep(1.1)  # the next request finds a check due
+    results: list[bool] = []
+    reads: list[int] = []
+
+    async def scenario() -> None:
+        async def one() -> None:
+            results.append(await accepted(provider, key))
+
+        async with anyio.create_task_group() as group:
+            started = time.monotonic()
+            while time.monotonic() - started < 3.5:  # three more checks fall due while the first read hangs
+                group.start_soon(one)
+                await anyio.sleep(0.1)
+            reads.append(len(OPENED))
+            with open(path, "w") as fifo:  # the stalled read (every stalled read) gets its file, at last
+                fifo.write(json.dumps(keys_of(record(key))))
+
+    WATCHED.add(str(path))
+    try:
+        anyio.run(scenario)
+        assert reads == [1]  # one read in flight at a time, however many checks fell due
+        assert results and all(results)  # the last good set served every request meanwhile
+    finally:
+        WATCHED.discard(str(path))
+        OPENED.clear()
+
+
 # --- mcp-bearer keys: new, list, revoke -----------------------------------------------------
 
 LISTED = re.compile(

@@ -753,6 +753,25 @@ def test_a_change_made_right_after_a_redis_restart_reaches_every_replica(
             print(f"\n{change} right after a restart: refused on both replicas after {elapsed:.2f} s")
 
 
+def test_the_deny_list_in_redis_keeps_an_entry_only_while_the_tokens_it_covers_live(redis_db: RedisServer) -> None:
+    """Kept for good, revocations would pile up in Redis and be read whole by every replica at each change."""
+    store = RedisStore(redis_db.url, max_token_lifetime=60)
+    client = redis_db.client()
+    try:
+        now = time.time()
+        store.revoke_jti("expires-soon", until=now + 1)
+        store.revoke_subject(AS_ISSUER, "signed-out-long-ago", before=now - 59)  # its tokens live one more second
+        store.revoke_jti("expires-later", until=now + 3600)
+        store.revoke_subject(AS_ISSUER, "signed-out-now")
+        assert len(client.hkeys("mcp_bearer:deny")) == 4
+        time.sleep(max(0.0, now + 1.2 - time.time()))
+        store.revoke_jti("revoked-last", until=time.time() + 3600)  # each change drops what has expired
+        kept = sorted(name.decode() for name in client.hkeys("mcp_bearer:deny"))
+        assert kept == ["jti:expires-later", "jti:revoked-last", 'sub:["https://as.example.com/", "signed-out-now"]']
+    finally:
+        store.close()
+
+
 # --- secrets: no token in Redis, no password in a repr, a log or the command line's output ---------
 
 
