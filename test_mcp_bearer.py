@@ -457,7 +457,7 @@ def test_the_sdks_caller_is_the_requests_own_and_gone_after_it_even_when_the_app
         pass
 
     async def run() -> list[object]:
-        after = []
+        after: list[object] = []
         for token in (BOB, ALICE_1, BOB):
             scope: Scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": bearer(token)}
             with contextlib.suppress(ValueError):
