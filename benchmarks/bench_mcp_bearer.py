@@ -11,8 +11,9 @@ Micro (always): one trivial ASGI app (200, body ``ok``) called directly, without
   EdDSA token, next to its reference: the static-key path plus one ``jwt.decode`` of the same token;
 - through ``BearerAuthMiddleware`` + ``CachedProvider`` holding the token (a cache hit), and with ``audit=True``
   (records formatted and written to /dev/null), both next to the plain ``StaticTokenProvider`` request;
-- with ``--baseline REF``: also the module as it was at git REF (valid token, missing token), each paired per
-  round with today's row of the same case, to show what a change costs.
+- with ``--baseline REF`` (repeatable): also the module as it was at each git REF (valid token, missing token),
+  paired per round with this checkout's, to show what a change costs. Those rows come from
+  ``bench_builds.py``, run in a process of its own that loads no SDK (its docstring says why).
 
 Each round runs N requests of every variant in turn (start rotated per round) in one event loop; a variant's
 time is the median over rounds of its per-round mean, its overhead the median of the per-round differences to
@@ -74,6 +75,19 @@ from typing import Any
 # Benchmark the checkout this script lives in, even when another mcp_bearer is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_builds import (  # the requests and app both benchmarks time, from the stdlib-only one
+    CLAIMS,
+    MCP_HEADERS,
+    OPERATION_SCOPES,
+    VALID_TOKEN,
+    hello_app,
+    make_scope,
+    receive_request,
+    receive_tools_call,
+    timed_batch,
+)
+from bench_builds import report as print_builds
+
 from mcp_bearer import (
     AccessToken,
     ASGIApp,
@@ -85,8 +99,6 @@ from mcp_bearer import (
     Message,
     Receive,
     RedisStore,
-    Scope,
-    Send,
     StaticTokenProvider,
 )
 
@@ -105,10 +117,8 @@ try:
 except ImportError as exc:  # pragma: no cover - a clear message instead of a traceback
     raise SystemExit(f"bench_mcp_bearer: needs mcp, starlette and uvicorn (pip install -e '.[test]'): {exc}") from exc
 
-VALID_TOKEN = secrets.token_urlsafe(32)
 INVALID_TOKEN = secrets.token_urlsafe(32)
 SERVER_KEY_ENV = "BENCH_MCP_BEARER_TOKEN"  # passes VALID_TOKEN to the e2e server process
-CLAIMS: dict[str, Any] = {"sub": "bench-user", "scopes": ["mcp"]}
 
 TOOLS_CALL = {
     "jsonrpc": "2.0",
@@ -116,12 +126,6 @@ TOOLS_CALL = {
     "method": "tools/call",
     "params": {"name": "add", "arguments": {"a": 1, "b": 2}},
 }
-MCP_HEADERS = {
-    "content-type": "application/json",
-    "accept": "application/json, text/event-stream",
-    "mcp-protocol-version": "2025-06-18",
-}
-
 # Informational targets (PASS/MISS never changes the exit code).
 TARGET_VALID_RATIO = 0.15  # ours' valid-token overhead / SDK stack's valid-token overhead
 TARGET_MISSING_VS_BARE = 1.5  # ours' missing-token 401 time / bare time
@@ -142,12 +146,6 @@ def _digest(token: str) -> bytes:
 
 
 # --- the app and its three guards ---------------------------------------------------------------
-
-
-async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """The trivial app: 200, ``ok``."""
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 class DictTokenVerifier:
@@ -257,81 +255,7 @@ def audited(app: ASGIApp) -> ASGIApp:
     return ours(app, audit=True)
 
 
-def baseline_module(ref: str) -> Any:
-    """``mcp_bearer.py`` as it was at git ``ref``, imported under another name."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(
-        ["git", "show", f"{ref}:mcp_bearer.py"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-    spec = importlib.util.spec_from_loader("mcp_bearer_baseline", loader=None)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    exec(compile(source, f"{ref}:mcp_bearer.py", "exec"), module.__dict__)
-    return module
-
-
 # --- the micro benchmark ------------------------------------------------------------------------
-
-
-def make_scope(path: str, token: str | None) -> dict[str, Any]:
-    """A uvicorn-like scope for ``POST path`` with an MCP client's usual headers."""
-    headers = [
-        (b"host", b"127.0.0.1:8000"),
-        (b"user-agent", b"python-httpx/0.28.1"),
-        (b"accept-encoding", b"gzip, deflate"),
-        (b"connection", b"keep-alive"),
-        *((name.encode(), value.encode()) for name, value in MCP_HEADERS.items()),
-        (b"content-length", b"2"),
-    ]
-    if token is not None:
-        headers.append((b"authorization", f"Bearer {token}".encode()))
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 54321),
-        "scheme": "http",
-        "method": "POST",
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": headers,
-        "state": {},
-    }
-
-
-_REQUEST_MESSAGE: Message = {"type": "http.request", "body": b"{}", "more_body": False}
-
-
-async def _receive() -> Message:
-    return _REQUEST_MESSAGE
-
-
-# A tools/call as a 2025-11-25 client posts it, padded to 300 bytes; rules as a server with
-# read, write and admin tools would have them.
-_TOOLS_CALL_BODY = json.dumps(
-    {
-        "jsonrpc": "2.0",
-        "id": 7,
-        "method": "tools/call",
-        "params": {"name": "add", "arguments": {"a": 1, "b": 2, "note": ""}, "_meta": {"progressToken": 7}},
-    }
-).encode()
-_TOOLS_CALL_BODY = _TOOLS_CALL_BODY.replace(b'"note": ""', b'"note": "' + b"x" * (300 - len(_TOOLS_CALL_BODY)) + b'"')
-assert len(_TOOLS_CALL_BODY) == 300
-_TOOLS_CALL_MESSAGE: Message = {"type": "http.request", "body": _TOOLS_CALL_BODY, "more_body": False}
-OPERATION_SCOPES = {"tools/call add": ["mcp"], "tools/call delete_*": ["projects:delete"], "resources/read": ["mcp"]}
-
-
-async def _tools_call() -> Message:
-    return _TOOLS_CALL_MESSAGE
-
-
-async def _discard(message: Message) -> None:
-    return None
 
 
 @dataclass
@@ -347,7 +271,7 @@ class Variant:
     rounds_ns: list[float] = field(default_factory=list)  # per-round mean ns per request
 
 
-def build_variants(baseline: str | None = None, store: RedisStore | None = None) -> list[Variant]:
+def build_variants(store: RedisStore | None = None) -> list[Variant]:
     valid, missing, invalid = (make_scope("/mcp", token) for token in (VALID_TOKEN, None, INVALID_TOKEN))
     variants = [Variant("bare", "bare", "valid", hello_app, valid, 200)]
     guards = (("ours", "ours", ours), ("sdk", "SDK stack", sdk_stack), ("basehttp", "BaseHTTP", base_http))
@@ -381,16 +305,10 @@ def build_variants(baseline: str | None = None, store: RedisStore | None = None)
     # A tools/call with a 300-byte body, with and without operation_scopes (which reads and parses it).
     call = make_scope("/mcp", VALID_TOKEN)
     plain_call = "ours: tools/call 300 B"
-    variants.append(Variant(plain_call, "ops", "without", ours(hello_app), call, 200, receive=_tools_call))
+    variants.append(Variant(plain_call, "ops", "without", ours(hello_app), call, 200, receive=receive_tools_call))
     guarded = ours(hello_app, operation_scopes=OPERATION_SCOPES)
     name = "ours: same, operation_scopes"
-    variants.append(Variant(name, "ops", "with", guarded, call, 200, plain_call, _tools_call))
-    if baseline is not None:
-        old = baseline_module(baseline)
-        app = old.BearerAuthMiddleware(hello_app, old.StaticTokenProvider({VALID_TOKEN: CLAIMS}))
-        variants.append(Variant(f"ours at {baseline}: valid", "baseline", "valid", app, valid, 200, static))
-        miss = "ours: missing token"
-        variants.append(Variant(f"ours at {baseline}: missing", "baseline", "missing", app, missing, 401, miss))
+    variants.append(Variant(name, "ops", "with", guarded, call, 200, plain_call, receive_tools_call))
     return variants
 
 
@@ -402,7 +320,7 @@ async def check_status(variant: Variant) -> None:
         messages.append(message)
 
     scope = dict(variant.template, state={})
-    await variant.app(scope, variant.receive or _receive, record)
+    await variant.app(scope, variant.receive or receive_request, record)
     status = next((m["status"] for m in messages if m["type"] == "http.response.start"), None)
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     reached_app = body == b"ok"
@@ -411,18 +329,6 @@ async def check_status(variant: Variant) -> None:
             f"bench_mcp_bearer: {variant.name!r} answered {status} {body[:80]!r}, "
             f"expected {variant.expected_status}; refusing to time it"
         )
-
-
-async def timed_batch(app: ASGIApp, template: dict[str, Any], n: int, receive: Receive | None = None) -> int:
-    """``n`` requests, each on a fresh copy of the scope (as a server builds one per request); elapsed ns."""
-    copy = template.copy
-    receive, send = receive or _receive, _discard
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        scope = copy()
-        scope["state"] = {}
-        await app(scope, receive, send)
-    return time.perf_counter_ns() - start
 
 
 async def run_micro(variants: list[Variant], requests: int, rounds: int, log: Callable[[str], None]) -> None:
@@ -876,6 +782,10 @@ def print_report(results: dict[str, Any]) -> None:
             f"requests: p50 {shared['p50_ms']:.3f} ms, p90 {shared['p90_ms']:.3f} ms"
         )
 
+    if results["builds"] is not None:
+        print("\nearlier builds, in a process of their own that loads no SDK (bench_builds.py)")
+        print_builds(results["builds"])
+
     e2e = results["e2e"]
     if e2e is None:
         print("\ne2e: not run (add --e2e)")
@@ -981,7 +891,7 @@ async def measure_all(
 ) -> tuple[dict[str, Any], ...]:
     if store is not None:
         assert await store.check(AccessToken("", {})) is False  # the reader's first copy of the deny list
-    variants = build_variants(args.baseline, store)
+    variants = build_variants(store)
     gc.collect()
     gc.freeze()  # set-up objects out of the collector's way: collections then cost the same in every variant
     await run_micro(variants, args.requests, args.rounds, log)
@@ -998,6 +908,15 @@ async def measure_all(
     return micro, memory, shared
 
 
+def run_builds(refs: list[str], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Earlier builds against this checkout, from ``bench_builds.py`` in a process that loads no SDK."""
+    log(f"builds: {', '.join(refs)} against this checkout (bench_builds.py)")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_builds.py")
+    rounds = ["--rounds", "10", "--requests", "500"] if quick else ["--rounds", "150"]
+    command = [sys.executable, script, "--json", *rounds, *refs]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)  # type: ignore[no-any-return]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: fewer rounds and requests (CI smoke)")
@@ -1009,7 +928,9 @@ def main() -> None:
     parser.add_argument("--e2e-rounds", type=int, help="e2e rounds (default 6, quick 2)")
     parser.add_argument("--e2e-seconds", type=int, help="whole seconds per wrk run (default 2, quick 1)")
     parser.add_argument("--e2e-connections", type=int, default=16, help="wrk connections (default 16)")
-    parser.add_argument("--baseline", metavar="REF", help="also time mcp_bearer.py as it was at this git ref")
+    parser.add_argument(
+        "--baseline", metavar="REF", action="append", help="also time mcp_bearer.py as it was at this git ref"
+    )
     parser.add_argument("--serve-e2e", choices=("bare", "ours", "introspection", "endpoint"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_e2e == "endpoint":
@@ -1032,6 +953,7 @@ def main() -> None:
     start = time.perf_counter()
     micro, memory, shared = asyncio.run(run_in_process(args, log))
     e2e = run_e2e(args.e2e_rounds, args.e2e_seconds, args.e2e_connections, log) if args.e2e else None
+    builds = run_builds(args.baseline, args.quick, log) if args.baseline else None
     results: dict[str, Any] = {
         "machine": machine(),
         "command": f"cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *sys.argv])}",
@@ -1045,6 +967,7 @@ def main() -> None:
         "memory": memory,
         "shared_store": shared,
         "e2e": e2e,
+        "builds": builds,
     }
     results["targets"] = evaluate_targets(micro, e2e, shared)
     results["seconds"] = time.perf_counter() - start
