@@ -561,22 +561,28 @@ def answers_http(base: str, process: subprocess.Popen[bytes], deadline: float) -
 
 
 @contextlib.contextmanager
-def serve_granian(factory: str) -> Iterator[str]:
+def serve_granian(factory: str, prefix: str | None = None) -> Iterator[str]:
     """``python -m granian --interface asgi --factory MODULE:FACTORY``, as users run it, in its own process.
 
     Not granian's embedded server: its Rust threads sometimes abort the interpreter at exit (about one
     run in ten here), which would take the test run with them. Granian binds by host and port only, so
-    the port is picked free and the start retried if another process took it in between.
+    the port is picked free and the start retried if another process took it in between. With
+    ``prefix``, ``--url-path-prefix``: root_path set, path left as sent. The process imports the same
+    mcp_bearer as this one (a scratch copy first on the path stays first).
     """
+    path = os.pathsep.join(
+        dict.fromkeys([os.path.dirname(os.path.abspath(sys.modules["mcp_bearer"].__file__ or REPO)), REPO])
+    )
+    prefixed = [] if prefix is None else ["--url-path-prefix", prefix]
     with tempfile.TemporaryFile() as output:
         for _attempt in range(3):
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            command = ["--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port), factory]
+            command = ["--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port)]
             process = subprocess.Popen(
-                [sys.executable, "-m", "granian", *command],
+                [sys.executable, "-m", "granian", *command, *prefixed, factory],
                 cwd=REPO,
-                env={**os.environ, "PYTHONPATH": REPO},
+                env={**os.environ, "PYTHONPATH": path},
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
@@ -704,6 +710,25 @@ async def mcp_session(url: str, token: str | None, **client_options: Any) -> Asy
     ):
         await session.initialize()
         yield session, client
+
+
+@contextlib.asynccontextmanager
+async def sdk_client(url: str, generation: str, **http_options: Any) -> AsyncIterator[Any]:
+    """The SDK's client over streamable HTTP, speaking ``generation``: mcp 2.x's ``Client`` (its default
+    mode probes server/discover, 2026-07-28; "legacy" forces the 2025-11-25 handshake), or mcp 1.x's
+    ClientSession. ``http_options`` go to the httpx client."""
+    async with httpx.AsyncClient(timeout=20, **http_options) as http:
+        transport = streamable_http_client(url, http_client=http)
+        if MCP_MAJOR == 2:
+            from mcp.client import Client
+
+            async with Client(transport, mode="auto" if generation == MODERN else "legacy") as client:
+                assert client.protocol_version == generation
+                yield client
+        else:
+            async with transport as streams, ClientSession(streams[0], streams[1]) as session:
+                assert (await session.initialize()).model_dump(by_alias=True)["protocolVersion"] == generation
+                yield session
 
 
 def tool_text(result: CallToolResult) -> str:

@@ -15,12 +15,8 @@ import contextlib
 import inspect
 import json
 import logging
-import os
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -51,7 +47,6 @@ from support import (
     INITIALIZE,
     ISSUER,
     MCP_POST_HEADERS,
-    REPO,
     SECRETS,
     SESSION_NOT_FOUND,
     Context,
@@ -63,10 +58,8 @@ from support import (
     Send,
     Server,
     announcing_startup,
-    answers_http,
     call_json,
     fingerprint,
-    free_port,
     httpx,
     introspector,
     loopback_listener,
@@ -76,6 +69,7 @@ from support import (
     public_jwk,
     raw_request,
     serve,
+    serve_granian,
     server_thread,
     session_table,
     sign,
@@ -238,43 +232,6 @@ def hypercorn_rooted(app: Any, worker_class: str, root_path: str) -> Iterator[st
         yield f"http://127.0.0.1:{port}"
 
 
-@contextlib.contextmanager
-def granian_prefixed(factory: str, prefix: str) -> Iterator[str]:
-    """support.serve_granian with ``--url-path-prefix``: root_path set, path left as sent. The process
-    imports the same mcp_bearer as this one (a scratch copy first on the path stays first)."""
-    path = os.pathsep.join(dict.fromkeys([os.path.dirname(os.path.abspath(mcp_bearer.__file__)), REPO]))
-    with tempfile.TemporaryFile() as output:
-        for _attempt in range(3):
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            command = ["--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port)]
-            process = subprocess.Popen(
-                [sys.executable, "-m", "granian", *command, "--url-path-prefix", prefix, factory],
-                cwd=REPO,
-                env={**os.environ, "PYTHONPATH": path},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                if answers_http(base, process, time.monotonic() + 30):
-                    break
-            except BaseException:
-                process.kill()
-                process.wait()
-                raise
-        else:
-            output.seek(0)
-            pytest.fail(f"granian did not start on any of three free ports:\n{output.read().decode()}")
-        try:
-            yield base
-        finally:
-            process.terminate()
-            process.wait(20)
-            output.seek(0)
-            logged = output.read().decode(errors="replace")
-            assert not [s[:8] for s in SECRETS if s in logged], "granian's output holds a token"
-
-
 ROOTED_SERVERS = ["uvicorn", "hypercorn-asyncio", "hypercorn-trio", "granian"]
 
 
@@ -284,7 +241,7 @@ def serve_rooted(server: str, factory: str, root_path: str = ROOT) -> Iterator[t
     client uses (a URL whose ``root_path`` + "/sse" is the app's /sse) and every base URL an attacker
     may send to (the client's, and the server itself behind the proxy)."""
     if server == "granian":
-        with granian_prefixed(factory, root_path) as base:
+        with serve_granian(factory, root_path) as base:
             yield base, [base]
         return
     module, _, name = factory.partition(":")

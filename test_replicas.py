@@ -54,12 +54,9 @@ from support import (
     GENERATIONS,
     HANDSHAKE,
     ISSUER,
-    MCP_MAJOR,
-    MODERN,
     REPO,
     SECRETS,
     TOKENS,
-    ClientSession,
     IntrospectionEndpoint,
     answer_lifespan,
     claims_echo,
@@ -72,10 +69,10 @@ from support import (
     private_key,
     raw_request,
     record_text,
+    sdk_client,
     serve,
     serve_with,
     sign,
-    streamable_http_client,
     tool_text,
     whoami,
 )
@@ -930,29 +927,14 @@ def test_cached_provider_with_a_store_under_trio_run(
 
 
 def mcp_connect(url: str, generation: str, token: str, statuses: list[int]) -> Any:
-    """The SDK's client with this token, speaking ``generation``: 2.x's Client, or the 2025-11-25 handshake.
-    ``statuses`` gets the HTTP status of every response, since the SDKs do not all say it in their errors."""
+    """The SDK's client with this token, speaking ``generation``. ``statuses`` gets the HTTP status of
+    every response, since the SDKs do not all say it in their errors."""
 
     async def note(response: httpx.Response) -> None:
         statuses.append(response.status_code)
 
-    @contextlib.asynccontextmanager
-    async def connected() -> Any:
-        headers = {"Authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(timeout=20, headers=headers, event_hooks={"response": [note]}) as http:
-            transport = streamable_http_client(url, http_client=http)
-            if MCP_MAJOR == 2:
-                from mcp.client import Client
-
-                async with Client(transport, mode="auto" if generation == MODERN else "legacy") as client:
-                    assert client.protocol_version == generation
-                    yield client
-            else:
-                async with transport as streams, ClientSession(streams[0], streams[1]) as session:
-                    await session.initialize()
-                    yield session
-
-    return connected()
+    headers = {"Authorization": f"Bearer {token}"}
+    return sdk_client(url, generation, headers=headers, event_hooks={"response": [note]})
 
 
 @pytest.mark.anyio

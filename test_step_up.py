@@ -15,7 +15,6 @@ approves at once.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
 import json
@@ -25,7 +24,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +35,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp.client.auth import OAuthClientProvider
-from mcp.client.session import ClientSession
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -56,17 +53,16 @@ from support import (
     httpx,
     loopback_listener,
     record_text,
+    sdk_client,
     serve,
 )
 
 # The tests adapt to mcp 2.x or 1.x (as support.py does); mypy checks them against 2.x.
 if TYPE_CHECKING:
-    from mcp.client import Client
     from mcp.shared.auth import AuthorizationCodeResult
     from mcp.shared.exceptions import MCPError
 else:
     try:  # mcp 2.x
-        from mcp.client import Client
         from mcp.shared.auth import AuthorizationCodeResult
         from mcp.shared.exceptions import MCPError
     except ImportError:  # mcp 1.x: no Client, no 2026-07-28, the callback answers (code, state)
@@ -447,22 +443,6 @@ def oauth_provider(url: str, storage: MemoryStorage | None = None) -> OAuthClien
     )
 
 
-@contextlib.asynccontextmanager
-async def connect(url: str, generation: str, **http_options: Any) -> AsyncIterator[Any]:
-    """The SDK's client over streamable HTTP, speaking ``generation``; ``http_options`` go to the httpx client."""
-    async with httpx.AsyncClient(timeout=20, **http_options) as http:
-        transport = streamable_http_client(url, http_client=http)
-        if MCP_MAJOR == 2:
-            # Client's default mode probes server/discover (2026-07-28); "legacy" forces the initialize handshake.
-            async with Client(transport, mode="auto" if generation == MODERN else "legacy") as client:
-                assert client.protocol_version == generation
-                yield client
-        else:
-            async with transport as streams, ClientSession(streams[0], streams[1]) as session:
-                assert (await session.initialize()).model_dump(by_alias=True)["protocolVersion"] == generation
-                yield session
-
-
 async def refusal_seen_by(
     url: str, generation: str, tool: str, arguments: dict[str, Any] | None = None, **http_options: Any
 ) -> BaseException:
@@ -472,7 +452,7 @@ async def refusal_seen_by(
     mcp 1.x's transport raises httpx's HTTPStatusError in its own task, which ends the client.
     """
     try:
-        async with connect(url, generation, **http_options) as caller:
+        async with sdk_client(url, generation, **http_options) as caller:
             await caller.call_tool(tool, arguments or {})
     except Exception as error:  # not BaseException: a cancellation, fail_after's included, must go on up
         leaves = list(leaves_of(error))
@@ -542,7 +522,7 @@ async def test_the_sdk_client_steps_up_to_the_union_of_scopes_and_the_tool_runs_
 ) -> None:
     authorization_server = deployment.authorization_server
     with anyio.fail_after(WAIT):
-        async with connect(deployment.url, generation, auth=oauth_provider(deployment.url)) as caller:
+        async with sdk_client(deployment.url, generation, auth=oauth_provider(deployment.url)) as caller:
             # The 401 challenge names the required scopes, so the first authorization asks for those alone.
             assert authorization_server.authorizations == [REQUIRED]
             assert text_of(await caller.call_tool("list_projects", {})) == "apollo gemini"
@@ -575,10 +555,10 @@ async def test_after_a_restart_a_stored_token_steps_up_by_discovering_again_and_
     authorization_server = deployment.authorization_server
     storage = MemoryStorage()
     with anyio.fail_after(WAIT):
-        async with connect(deployment.url, generation, auth=oauth_provider(deployment.url, storage)) as caller:
+        async with sdk_client(deployment.url, generation, auth=oauth_provider(deployment.url, storage)) as caller:
             assert text_of(await caller.call_tool("list_projects", {})) == "apollo gemini"
         before_restart = len(deployment.exchanges)
-        async with connect(deployment.url, generation, auth=oauth_provider(deployment.url, storage)) as caller:
+        async with sdk_client(deployment.url, generation, auth=oauth_provider(deployment.url, storage)) as caller:
             assert text_of(await caller.call_tool("delete_project", {"name": "gemini"})) == "deleted gemini"
 
     after_restart = deployment.exchanges[before_restart:]
@@ -638,7 +618,7 @@ async def test_an_api_key_without_the_scope_is_refused_403_and_cannot_step_up(
     # Through the SDK's client with the key as a static header: what the key may do works, the rest is an error.
     static = {"Authorization": f"Bearer {API_KEY}"}
     with anyio.fail_after(WAIT):
-        async with connect(deployment.url, generation, headers=static) as caller:
+        async with sdk_client(deployment.url, generation, headers=static) as caller:
             assert text_of(await caller.call_tool("list_projects", {})) == "apollo gemini"
         error = await refusal_seen_by(deployment.url, generation, "delete_project", {"name": "apollo"}, headers=static)
     assert is_the_sdks_word_for_a_403(error), repr(error)
