@@ -510,8 +510,10 @@ def server_thread(name: str, run: Callable[[], None], stops: ServerStop) -> Iter
 
 
 @contextlib.contextmanager
-def serve_hypercorn(app: Any, worker_class: str) -> Iterator[str]:
-    """hypercorn.asyncio.serve or hypercorn.trio.serve, each in a thread with its own event loop."""
+def serve_hypercorn(app: Any, worker_class: str, root_path: str = "") -> Iterator[str]:
+    """hypercorn.asyncio.serve or hypercorn.trio.serve, each in a thread with its own event loop.
+
+    ``root_path`` is hypercorn's ``--root-path`` (``config.root_path``): path is left as sent."""
     import trio
     from hypercorn.asyncio import serve as serve_asyncio
     from hypercorn.config import Config
@@ -523,6 +525,7 @@ def serve_hypercorn(app: Any, worker_class: str) -> Iterator[str]:
     config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here and closes it
     config.errorlog = logging.getLogger("hypercorn.error")  # into the suite's log capture, not stderr
     config.graceful_timeout = 1
+    config.root_path = root_path
     started = threading.Event()
     app = announcing_startup(app, started)
     stops: ServerStop = []

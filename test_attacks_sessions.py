@@ -57,7 +57,6 @@ from support import (
     Scope,
     Send,
     Server,
-    announcing_startup,
     call_json,
     fingerprint,
     httpx,
@@ -70,6 +69,7 @@ from support import (
     raw_request,
     serve,
     serve_granian,
+    serve_hypercorn,
     server_thread,
     session_table,
     sign,
@@ -197,41 +197,6 @@ def stripping_proxy(upstream_base: str, prefix: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
-@contextlib.contextmanager
-def hypercorn_rooted(app: Any, worker_class: str, root_path: str) -> Iterator[str]:
-    """support.serve_hypercorn with ``config.root_path`` (hypercorn ``--root-path``): path is left as sent."""
-    import trio
-    from hypercorn.asyncio import serve as serve_asyncio
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as serve_trio
-
-    listener = loopback_listener()
-    port = listener.getsockname()[1]
-    config = Config()
-    config.bind = [f"fd://{listener.detach()}"]
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 1
-    config.root_path = root_path
-    started = threading.Event()
-    app = announcing_startup(app, started)
-    stops: list[Callable[[], object]] = []
-
-    async def on_trio() -> None:
-        token, shutdown = trio.lowlevel.current_trio_token(), trio.Event()
-        stops.append(lambda: trio.from_thread.run_sync(shutdown.set, trio_token=token))
-        await serve_trio(app, config, shutdown_trigger=shutdown.wait)
-
-    async def on_asyncio() -> None:
-        loop, shutdown = asyncio.get_running_loop(), asyncio.Event()
-        stops.append(lambda: loop.call_soon_threadsafe(shutdown.set))
-        await serve_asyncio(app, config, shutdown_trigger=shutdown.wait)
-
-    run = (lambda: trio.run(on_trio)) if worker_class == "trio" else (lambda: asyncio.run(on_asyncio()))
-    with server_thread(f"hypercorn ({worker_class})", run, stops) as thread:
-        wait_until_serving(port, started, thread, f"hypercorn ({worker_class})")
-        yield f"http://127.0.0.1:{port}"
-
-
 ROOTED_SERVERS = ["uvicorn", "hypercorn-asyncio", "hypercorn-trio", "granian"]
 
 
@@ -250,7 +215,7 @@ def serve_rooted(server: str, factory: str, root_path: str = ROOT) -> Iterator[t
         with serve(app, root_path=root_path) as direct, stripping_proxy(direct, root_path) as proxied:
             yield proxied, [proxied, direct]
     else:
-        with hypercorn_rooted(app, server.removeprefix("hypercorn-"), root_path) as base:
+        with serve_hypercorn(app, server.removeprefix("hypercorn-"), root_path) as base:
             yield base, [base]
 
 
@@ -597,7 +562,7 @@ def serve_app_rooted(server: str, app: Any, root_path: str = ROOT) -> Iterator[s
         with serve(app, root_path=root_path) as direct, stripping_proxy(direct, root_path) as proxied:
             yield proxied
     else:
-        with hypercorn_rooted(app, server.removeprefix("hypercorn-"), root_path) as base:
+        with serve_hypercorn(app, server.removeprefix("hypercorn-"), root_path) as base:
             yield base
 
 
