@@ -1377,7 +1377,9 @@ class CachedProvider(BearerAuthProvider):
             now = time.monotonic()
             if now < deadline:
                 access = AccessToken(token, claims.copy(), list(scopes), expires_at, source)
-                return access if store is None or not store.revokes(access, now) else _refused(_REVOKED)
+                if store is None or now < store.quiet_until or not store.revokes(access, now):
+                    return access
+                return _refused(_REVOKED)
             del self._entries[key]
         if self._refused:
             refused_until = self._refused.get(key)
@@ -1633,6 +1635,9 @@ class RedisStore:
         self.events: collections.deque[tuple[int, bytes | None]] = collections.deque(maxlen=_MAX_STORE_EVENTS)
         self.version = 0  # counts events: caches compare it with what they applied, per request, for free
         self._synced_at = -math.inf
+        # Until when (time.monotonic()) this copy is fresh and revokes nothing: a cache hit before then
+        # needs no check at all (one comparison); after it, revokes() decides.
+        self.quiet_until = -math.inf
         self._down = False
         self._lock = threading.Lock()
         self._poller: threading.Thread | None = None
@@ -1808,6 +1813,7 @@ class RedisStore:
             self._since = max(score for _, score in invalidated)
             self._read_at_since = {(member, score) for member, score in invalidated if score == self._since}
         self._synced_at = time.monotonic()
+        self.quiet_until = -math.inf if self._jtis or self._subjects else self._synced_at + _DENY_LIST_STALE_SECONDS
         if self._down:
             self._down = False
             logger.info(_LOG_STORE_UP, self._where)
@@ -1826,6 +1832,8 @@ class RedisStore:
             else:
                 issuer, subject = json.loads(name[4:])
                 subjects[(issuer, subject)] = entry["before"]
+        if jtis or subjects:
+            self.quiet_until = -math.inf  # before the entries: no cache hit may skip them, even for an instant
         self._jtis, self._subjects = jtis, subjects
 
     def _event(self, digest: bytes | None) -> None:

@@ -677,6 +677,24 @@ def test_redis_down_mid_run_fails_closed_without_hanging_and_recovers_without_a_
     assert not [r for r in records if r.levelname == "ERROR"]
 
 
+def test_a_warm_verdict_with_nothing_revoked_still_fails_closed_once_the_deny_list_is_stale(
+    introspection: IntrospectionEndpoint,
+) -> None:
+    """With nothing revoked a cache hit skips the deny list, but only while the copy is fresh: a revocation
+    made while Redis is out of reach could not be seen, so after two seconds the answer is 503."""
+    with redis_server() as server:
+        warm = grant(introspection, "warm-nothing-revoked")
+        with replicas(1, server.url, lambda: introspector(introspection)) as (replica,):
+            assert status(replica.base, warm) == 200
+            server.stop()
+            down_at = time.monotonic()
+            seconds_until(lambda: status(replica.base, warm) == 503, 5.0)
+            assert time.monotonic() - down_at > 1.0  # trusted about 2 s after its last good read, not less
+            assert asked(introspection, warm) == 1  # a local hit all along: the provider was never asked again
+            server.start()
+            seconds_until(lambda: status(replica.base, warm) == 200)
+
+
 def test_use_last_deny_list_answers_from_the_last_copy_while_redis_is_down(
     introspection: IntrospectionEndpoint,
 ) -> None:
