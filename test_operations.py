@@ -500,6 +500,7 @@ def expected_status(body: bytes, headers: Headers, token: str) -> int:
 PROPERTY_HARNESS = guarded()
 
 
+@pytest.mark.slow  # about 30 s for the profile's 2,000 bodies: CI's run, not the quick loop
 @given(jsonrpc_request())
 def test_fuzz_the_app_runs_only_when_every_operation_is_allowed_and_gets_the_body_as_sent(
     case: tuple[list[bytes], Headers, str],
