@@ -1087,7 +1087,7 @@ class JWTProvider(BearerAuthProvider):
         )
 
     def _header(self, token: str) -> tuple[str, str | None] | str:
-        """The pinned algorithm and the key id of a compact JWS (RFC 7515 section 7.1), else None.
+        """The pinned algorithm and the key id of a compact JWS (RFC 7515 section 7.1), else why it is refused.
 
         Three non-empty base64url segments and nothing else: a token PyJWT would also read
         with stray characters dropped is refused, so one token has one spelling (and one cache
@@ -1460,15 +1460,10 @@ class CachedProvider(BearerAuthProvider):
         """Other replicas' invalidations and clears, as the store's reader saw them."""
         events = list(store.events)  # one C-level copy: the reader thread may append meanwhile
         if not events or events[0][0] > self._applied + 1:  # missed some: forget everything, the safe side
-            self._entries.clear()
-            self._refused.clear()
+            self._forget(None)
         for version, digest in events:
-            if version > self._applied and digest is None:
-                self._entries.clear()
-                self._refused.clear()
-            elif version > self._applied and digest is not None:
-                self._entries.pop(digest, None)
-                self._refused.pop(digest, None)
+            if version > self._applied:
+                self._forget(digest)
         self._applied = events[-1][0] if events else store.version
         self._generation += 1  # a verdict being fetched now may predate them: not kept
 
@@ -1495,19 +1490,25 @@ class CachedProvider(BearerAuthProvider):
 
         With a store, every replica forgets it within a second.
         """
-        key = _digest(token)
-        self._entries.pop(key, None)
-        self._refused.pop(key, None)
+        self._forget_everywhere(_digest(token))
+
+    def clear(self) -> None:
+        self._forget_everywhere(None)
+
+    def _forget_everywhere(self, key: bytes | None) -> None:
+        """Forget one verdict (None: all), here and, with a store, on every replica; one being fetched too."""
+        self._forget(key)
         self._generation += 1
         if self._store is not None:
             self._store.invalidate(key)
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._refused.clear()
-        self._generation += 1
-        if self._store is not None:
-            self._store.invalidate(None)
+    def _forget(self, key: bytes | None) -> None:
+        if key is None:
+            self._entries.clear()
+            self._refused.clear()
+        else:
+            self._entries.pop(key, None)
+            self._refused.pop(key, None)
 
 
 def _own_access(token: str, shared: AccessToken | None) -> AccessToken | None:
@@ -1570,6 +1571,11 @@ end
 _MAX_STORE_EVENTS = 1024  # invalidations remembered for caches that have not yet applied them
 
 
+def _address_name(address: str) -> str:
+    """A client address as Redis keys name it: the address is the client's, never a key as it is."""
+    return hashlib.sha256(address.encode()).hexdigest()[:32]
+
+
 def _import_redis() -> Any:
     """The redis client, imported when a RedisStore is built, never at module import."""
     try:
@@ -1602,11 +1608,9 @@ class RedisStore:
         max_token_lifetime: float = 86400.0,
         use_last_deny_list: bool = False,
     ) -> None:
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                "url must be a redis://, rediss:// or unix:// URL"
-            )  # never the URL: it may hold a password
-        parts = urlsplit(url)
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("url must be a redis://, rediss:// or unix:// URL")  # never the URL: it may hold a secret
         # An unencoded '/', '?' or '#' in the password ends the host part early: the rest of the password
         # would be read as host, port or path, and quoted wherever those are (messages, repr, logs).
         if "@" in parts.path + parts.query + parts.fragment:
@@ -1711,7 +1715,7 @@ class RedisStore:
 
     async def verdict(self, digest: bytes) -> tuple[float, dict[str, Any] | None] | None:
         """A verdict another replica kept: (seconds left, its record, or None for "no"); None if there is none."""
-        key = self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
+        key = self._verdict_key(digest)
         answer = await self._call(lambda: self._client.pipeline(transaction=False).get(key).pttl(key).execute())
         if not answer or answer[0] is None or answer[1] is None or answer[1] <= 0:
             return None
@@ -1727,7 +1731,7 @@ class RedisStore:
             value = json.dumps(record if record is not None else "no", allow_nan=False)
         except (TypeError, ValueError):
             return
-        key = self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
+        key = self._verdict_key(digest)
         await self._call(lambda: self._client.set(key, value, px=max(1, int(ttl * 1000))))
 
     def invalidate(self, digest: bytes | None) -> None:
@@ -1739,7 +1743,7 @@ class RedisStore:
         if digest is None:
             pipe.set(self._key("generation"), secrets.token_hex(16))  # never seen before, as deny-version
         else:
-            pipe.delete(self._key(f"verdict:{self.generation.decode()}:{digest.hex()}"))
+            pipe.delete(self._verdict_key(digest))
             now = time.time()
             pipe.zadd(self._key("invalidated"), {digest.hex(): now})
             pipe.zremrangebyscore(self._key("invalidated"), 0, now - 60)
@@ -1753,7 +1757,7 @@ class RedisStore:
         _worker_pool().submit(self._guarded, self._count_failure, address, window, max_failures)
 
     def _count_failure(self, address: str, window: float, max_failures: int) -> None:
-        name = hashlib.sha256(address.encode()).hexdigest()[:32]  # an address is the client's; never a key as is
+        name = _address_name(address)
         key, now = self._key(f"failures:{name}"), time.time()
         pipe = self._client.pipeline(transaction=True)
         pipe.zadd(key, {secrets.token_hex(8): now})
@@ -1771,7 +1775,7 @@ class RedisStore:
         """When a throttle decided on another replica ends for this address (Unix seconds); 0 for none."""
         if not self.throttled:
             return 0.0
-        return self.throttled.get(hashlib.sha256(address.encode()).hexdigest()[:32], 0.0)
+        return self.throttled.get(_address_name(address), 0.0)
 
     # -- the background reader ---------------------------------------------------------
 
@@ -1844,6 +1848,9 @@ class RedisStore:
 
     def _key(self, name: str) -> str:
         return self._prefix + name
+
+    def _verdict_key(self, digest: bytes) -> str:
+        return self._key(f"verdict:{self.generation.decode()}:{digest.hex()}")
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (importlib.import_module("redis.exceptions").RedisError, OSError, ValueError, KeyError, TypeError)
@@ -2124,7 +2131,8 @@ _MAX_TRACKED = 10_000  # client addresses (and accepted tokens) the throttle rem
 class _Throttle:
     """Token guessing, slowed down: a client address whose tokens were refused ``max_failures`` times within
     ``failure_window`` seconds gets 429 for further token-bearing requests until the window has passed,
-    and the provider is not asked (a spray costs a token service at most that many calls per window).
+    and the provider is not asked (a spray costs a token service at most that many calls per window, plus
+    the requests already on their way to it when the last of them is counted).
 
     A token accepted within the window is never throttled, so a valid user behind the same NAT keeps
     working. The address is ``scope["client"]``, so behind a proxy the server must set it from the
@@ -2697,10 +2705,10 @@ class _SDKCaller:
 
     def __init__(self) -> None:
         bearer_auth = importlib.import_module("mcp.server.auth.middleware.bearer_auth")
-        self.context_var = importlib.import_module("mcp.server.auth.middleware.auth_context").auth_context_var
+        context_var = importlib.import_module("mcp.server.auth.middleware.auth_context").auth_context_var
         caller = _sdk_user_type(bearer_auth.AuthenticatedUser, importlib.import_module("mcp.server.auth.provider"))
         self._new_user: Callable[[], Any] = functools.partial(object.__new__, caller)  # the SDK's __init__ unrun
-        self._set = self.context_var.set
+        self._set = context_var.set
 
     def enter(self, scope: Scope, access: AccessToken) -> contextvars.Token[Any]:
         """Hand the SDK this request's caller, as its AuthenticatedUser; nothing of the SDK's is built
@@ -2718,7 +2726,7 @@ class _SDKCaller:
 
 def _sdk_user_type(base: Any, provider: Any) -> type[Any]:
     class Caller(base):  # type: ignore[misc]
-        """The SDK's AuthenticatedUser for one request (made by ``_SDKCaller.user``); its AccessToken on first read."""
+        """The SDK's AuthenticatedUser for one request (made by ``_SDKCaller.enter``); its AccessToken on first read."""
 
         _access: AccessToken
         _built: Any = None
@@ -3691,7 +3699,7 @@ def _new_key_record(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     key, key_id = new_api_key()
     record = {
         "id": key_id,
-        "sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "sha256": _digest(key).hex(),
         "claims": claims,
         "scopes": scopes,
         "created_at": now,
