@@ -35,7 +35,7 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, ElicitResult, TextContent
 
 from mcp_bearer import (
     AccessToken,
@@ -739,6 +739,38 @@ def tool_text(result: CallToolResult) -> str:
     block = result.content[0]
     assert isinstance(block, TextContent), block
     return block.text
+
+
+class PendingConfirmation:
+    """Alice's ``confirm`` tool, paused on the elicitation it sent her: she declines once released.
+
+    Pass ``answer`` as her session's ``elicitation_callback``; ``while_pending`` runs a forgery
+    in between and checks that her tool went on with her own answer, whatever was forged.
+    """
+
+    def __init__(self) -> None:
+        self.asked, self.released = anyio.Event(), anyio.Event()
+
+    async def answer(self, context: Any, params: Any) -> ElicitResult:
+        self.asked.set()
+        await self.released.wait()
+        return ElicitResult(action="decline")
+
+    async def while_pending(self, session: ClientSession, forge: Callable[[], Awaitable[None]], seconds: float) -> None:
+        results: list[CallToolResult] = []
+        async with anyio.create_task_group() as group:
+
+            async def call() -> None:
+                results.append(await session.call_tool("confirm", {}))
+
+            group.start_soon(call)
+            try:
+                with anyio.fail_after(seconds):
+                    await self.asked.wait()
+                await forge()
+            finally:
+                self.released.set()
+        assert json.loads(tool_text(results[0])) == {"action": "decline", "data": None}
 
 
 async def call_json(session: ClientSession, tool: str) -> Any:

@@ -27,7 +27,6 @@ import anyio
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
-from mcp.types import CallToolResult, ElicitResult
 from pydantic import BaseModel
 
 import mcp_bearer
@@ -53,6 +52,7 @@ from support import (
     FakeProvider,
     IntrospectionEndpoint,
     JWKSEndpoint,
+    PendingConfirmation,
     Receive,
     Scope,
     Send,
@@ -329,39 +329,24 @@ async def test_e2e_sse_under_a_root_path_a_forged_elicitation_answer_is_refused_
     server: str,
 ) -> None:
     """Bob answers the confirmation alice's tool asked her for, at every spelling of her session's URL."""
-    asked, forged = anyio.Event(), anyio.Event()
-
-    async def alice_answers(context: Any, params: Any) -> ElicitResult:
-        asked.set()
-        await forged.wait()
-        return ElicitResult(action="decline")
-
+    alice = PendingConfirmation()
     with serve_rooted(server, f"{__name__}:sse_app") as (client_base, bases):
         url = client_base + ROOT + "/sse"
         async with (
-            sse_session(url, ALICE_1, elicitation_callback=alice_answers) as (session, victim, _),
+            sse_session(url, ALICE_1, elicitation_callback=alice.answer) as (session, victim, _),
             sse_session(url, BOB) as (_, own, _),
         ):
-            results: list[CallToolResult] = []
             let_through: list[tuple[str, str, int, Any]] = []
-            async with anyio.create_task_group() as group:
 
-                async def call() -> None:
-                    results.append(await session.call_tool("confirm", {}))
+            async def forge() -> None:
+                for base, target in forged_targets(bases, ROOT, victim, own):
+                    for request_id in range(3):  # the SDK numbers its requests to the client from 0
+                        answer = accepting(request_id)
+                        status, body = await anyio.to_thread.run_sync(post, base, BOB, target, answer)
+                        if (status, body) != (404, SESSION_NOT_FOUND):
+                            let_through.append((base, target, status, body))
 
-                group.start_soon(call)
-                try:
-                    with anyio.fail_after(20):
-                        await asked.wait()
-                    for base, target in forged_targets(bases, ROOT, victim, own):
-                        for request_id in range(3):  # the SDK numbers its requests to the client from 0
-                            answer = accepting(request_id)
-                            status, body = await anyio.to_thread.run_sync(post, base, BOB, target, answer)
-                            if (status, body) != (404, SESSION_NOT_FOUND):
-                                let_through.append((base, target, status, body))
-                finally:
-                    forged.set()
-            assert json.loads(tool_text(results[0])) == {"action": "decline", "data": None}
+            await alice.while_pending(session, forge, 20)
             assert let_through == []
 
 
@@ -593,38 +578,23 @@ def no_options_reached(recorder: Recorder) -> list[tuple[str, str, bytes]]:
 async def test_e2e_an_anonymous_preflight_carrying_an_elicitation_answer_never_reaches_the_sse_app(
     server: str,
 ) -> None:
-    asked, tried = anyio.Event(), anyio.Event()
-
-    async def alice_answers(context: Any, params: Any) -> ElicitResult:
-        asked.set()
-        await tried.wait()
-        return ElicitResult(action="decline")
-
+    alice = PendingConfirmation()
     recorder = Recorder(sdk_server().sse_app())
     with serve_app_rooted(server, guarded(recorder, FakeProvider())) as base:
         url = base + ROOT + "/sse"
-        async with sse_session(url, ALICE_1, elicitation_callback=alice_answers) as (session, victim, _):
-            results: list[CallToolResult] = []
+        async with sse_session(url, ALICE_1, elicitation_callback=alice.answer) as (session, victim, _):
             answered: list[tuple[int, dict[str, str], bytes]] = []
-            async with anyio.create_task_group() as group:
 
-                async def call() -> None:
-                    results.append(await session.call_tool("confirm", {}))
+            async def forge() -> None:
+                targets = [f"{p}?{q}" for p in message_paths(ROOT) for q in session_queries(victim, victim)[:4]]
+                for n, target in enumerate(targets):
+                    body = json.dumps(accepting(n % 3)).encode()
+                    answer = await anyio.to_thread.run_sync(
+                        raw_request, base, "OPTIONS", target, preflight_headers(n), body
+                    )
+                    answered.append(answer)
 
-                group.start_soon(call)
-                try:
-                    with anyio.fail_after(20):
-                        await asked.wait()
-                    targets = [f"{p}?{q}" for p in message_paths(ROOT) for q in session_queries(victim, victim)[:4]]
-                    for n, target in enumerate(targets):
-                        body = json.dumps(accepting(n % 3)).encode()
-                        answer = await anyio.to_thread.run_sync(
-                            raw_request, base, "OPTIONS", target, preflight_headers(n), body
-                        )
-                        answered.append(answer)
-                finally:
-                    tried.set()
-            assert json.loads(tool_text(results[0])) == {"action": "decline", "data": None}
+            await alice.while_pending(session, forge, 20)
             assert no_options_reached(recorder) == []
             assert {(status, body) for status, _, body in answered} == {(204, b"")}
 

@@ -13,7 +13,6 @@ import anyio
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
-from mcp.types import CallToolResult
 from pydantic import BaseModel
 
 from mcp_bearer import (
@@ -34,6 +33,7 @@ from support import (
     FakeProvider,
     Harness,
     Headers,
+    PendingConfirmation,
     Receive,
     Scope,
     Send,
@@ -52,7 +52,6 @@ from support import (
     raw_request,
     serve,
     session_table,
-    tool_text,
     until,
     whoami,
     whoami_async,
@@ -306,32 +305,16 @@ async def test_e2e_sse_without_sub_the_session_belongs_to_the_token_not_the_pers
 @pytest.mark.anyio
 async def test_e2e_sse_a_forged_elicitation_answer_is_refused_and_the_owner_decides(sse_base: str) -> None:
     """Bob answers the confirmation alice's tool asked her for: her tool must go on with her answer."""
-    from mcp.types import ElicitResult
+    alice = PendingConfirmation()
+    async with sse_session(sse_base, ALICE_1, elicitation_callback=alice.answer) as (session, victim):
 
-    asked = anyio.Event()
-    forged = anyio.Event()
-
-    async def alice_answers(context: Any, params: Any) -> ElicitResult:
-        asked.set()
-        await forged.wait()
-        return ElicitResult(action="decline")
-
-    async with sse_session(sse_base, ALICE_1, elicitation_callback=alice_answers) as (session, victim):
-        async with anyio.create_task_group() as group:
-            results: list[CallToolResult] = []
-
-            async def call() -> None:
-                results.append(await session.call_tool("confirm", {}))
-
-            group.start_soon(call)
-            with anyio.fail_after(10):
-                await asked.wait()
+        async def forge() -> None:
             for request_id in range(10):  # the SDK numbers its requests to the client from 0
                 answer = {"jsonrpc": "2.0", "id": request_id, "result": {"action": "accept", "content": {"ok": True}}}
                 status = await anyio.to_thread.run_sync(post_message, sse_base, BOB, f"session_id={victim}", answer)
                 assert status[0] == 404
-            forged.set()
-        assert json.loads(tool_text(results[0])) == {"action": "decline", "data": None}
+
+        await alice.while_pending(session, forge, 10)
 
 
 @pytest.mark.slow
